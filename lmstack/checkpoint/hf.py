@@ -1,0 +1,150 @@
+"""Load and save Hugging Face model directories: lmstack's only weight format.
+
+Loading builds the model on the meta device and assigns the checkpoint's tensors (no random
+init, no copy of the model in memory twice), in the checkpoint's dtype or a requested one.
+Every tensor the architecture needs must be present and every tensor present must be used:
+a mismatch is an error naming the tensor and the file, never a silently random weight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmstack.checkpoint.files import WeightFiles, atomic_write_bytes, write_shards
+from lmstack.checkpoint.hf_config import config_to_hf, read_config
+from lmstack.checkpoint.weight_map import IGNORED, strip_prefix_aliases, weight_rules
+from lmstack.config import ModelConfig
+from lmstack.errors import CheckpointError, ConfigError
+from lmstack.model.transformer import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in ("auto", ""):
+        return None
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def load_hf_model(directory: str | Path, dtype: torch.dtype | str | None = None,
+                  device: torch.device | str = "cpu", config: ModelConfig | None = None) -> Transformer:
+    """A Transformer with the weights of an HF directory; `config` may override e.g. vocab padding."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist")
+    config = config or read_config(directory)
+    files = WeightFiles(directory)
+    dtype = resolve_dtype(dtype) or files.first_dtype()
+    state = _read_state(config, files, dtype)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.reset_buffers()
+    model.config.dtype = dtype_name(dtype)
+    return model.to(device)
+
+
+def _read_state(config: ModelConfig, files: WeightFiles, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    rules = weight_rules(config)
+    present = files.names()
+    alias = strip_prefix_aliases(present, rules)
+    used: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        parts = []
+        for name in rule.theirs:
+            if name not in alias:
+                raise CheckpointError(
+                    f"tensor {name!r} is missing from {files.directory} (needed for {rule.ours} of this "
+                    f"{config.family} model); the weights do not match config.json"
+                )
+            used.add(alias[name])
+            parts.append(files.get(alias[name]))
+        tensor = rule.combine(parts).to(dtype)
+        state[rule.ours] = _pad_rows(tensor, config) if rule.ours in ("embed.weight", "lm_head.weight") else tensor
+        expected = _expected_shape(config, rule.ours)
+        if expected is not None and tuple(state[rule.ours].shape) != expected:
+            raise CheckpointError(
+                f"tensor {', '.join(rule.theirs)} in {files.file_of[alias[rule.theirs[0]]]} has shape "
+                f"{tuple(tensor.shape)}, but config.json implies {expected} for {rule.ours}"
+            )
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+        if "lm_head.weight" in present:
+            used.add("lm_head.weight")  # tied checkpoints sometimes store the head too; it is the embedding
+    unexpected = sorted(n for n in present - used if not IGNORED.search(n))
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected tensor {unexpected[0]!r} in {files.file_of[unexpected[0]]}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + f"; it has no place in a {config.family} model with this config.json"
+        )
+    return state
+
+
+def _pad_rows(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    extra = config.padded_vocab_size - tensor.shape[0]
+    if extra <= 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(extra, tensor.shape[1])])
+
+
+def _expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
+    c = config
+    shapes = {
+        "embed.weight": (c.padded_vocab_size, c.hidden_size),
+        "lm_head.weight": (c.padded_vocab_size, c.hidden_size),
+        "pos_embed.weight": (c.max_position_embeddings, c.hidden_size),
+    }
+    if name in shapes:
+        return shapes[name]
+    if name.endswith("attn.qkv.weight"):
+        return (c.q_size + 2 * c.kv_size, c.hidden_size)
+    if name.endswith("attn.out.weight"):
+        return (c.hidden_size, c.q_size)
+    return None
+
+
+def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard_size: int | str = "5GB",
+            dtype: torch.dtype | str | None = None) -> Path:
+    """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    dtype = resolve_dtype(dtype) or model.dtype
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = {}
+    for rule in weight_rules(config):
+        value = params[rule.ours].detach()
+        if rule.ours in ("embed.weight", "lm_head.weight"):
+            value = value[: config.vocab_size]
+        for name, part in zip(rule.theirs, rule.split(value)):
+            tensors[name] = part.to(device="cpu", dtype=dtype).contiguous().clone()
+    write_shards(tensors, directory, max_shard_size)
+    hf_config = config_to_hf(config.replace(dtype=dtype_name(dtype)))
+    atomic_write_bytes(directory / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+    generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+                                     ("pad_token_id", config.pad_token_id)) if v is not None}
+    existing = directory / "generation_config.json"
+    if existing.is_file():  # keep sampling defaults a model shipped with
+        try:
+            generation = {**json.loads(existing.read_text()), **generation}
+        except json.JSONDecodeError:
+            pass
+    atomic_write_bytes(existing, (json.dumps(generation, indent=2) + "\n").encode())
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory

@@ -1,0 +1,59 @@
+"""`lmstack.load`: one call from a directory or a preset name to a model and its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmstack.config import PRESETS, ModelConfig, get_preset
+from lmstack.errors import CheckpointError
+from lmstack.model.transformer import Transformer
+from lmstack.tokenizer import Tokenizer
+
+
+def load(path_or_preset: str | Path, *, random_init: bool = False, dtype: torch.dtype | str | None = None,
+         device: torch.device | str = "cpu", config: ModelConfig | None = None, seed: int | None = None,
+         ) -> tuple[Transformer, Tokenizer | None]:
+    """(model, tokenizer) from a Hugging Face directory or, with random_init=True, a preset name.
+
+    A preset has no tokenizer, so its tokenizer is None. `dtype` defaults to the checkpoint's
+    (a preset's own dtype is used only when asked for by name: random init is float32).
+    """
+    from lmstack.checkpoint.hf import load_hf_model
+
+    path = Path(path_or_preset)
+    if path.is_dir():
+        if random_init:
+            from lmstack.checkpoint.hf_config import read_config
+
+            model = _random_model(config or read_config(path), dtype, device, seed)
+        else:
+            model = load_hf_model(path, dtype=dtype, device=device, config=config)
+        tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+        return model, tokenizer
+    name = str(path_or_preset)
+    if name in PRESETS:
+        if not random_init:
+            raise CheckpointError(
+                f"{name!r} is a preset (shapes only, no weights): pass random_init=True for fresh weights, "
+                "or give the path of a Hugging Face directory"
+            )
+        return _random_model(config or get_preset(name), dtype, device, seed), None
+    raise CheckpointError(
+        f"{name!r} is neither a model directory nor a preset; presets: {', '.join(sorted(PRESETS))}"
+    )
+
+
+def _random_model(config: ModelConfig, dtype, device, seed: int | None) -> Transformer:
+    from lmstack.checkpoint.hf import dtype_name, resolve_dtype
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(config)
+    dtype = resolve_dtype(dtype)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.config.dtype = dtype_name(model.dtype)
+    return model

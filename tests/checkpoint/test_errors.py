@@ -1,0 +1,118 @@
+"""Bad checkpoints give an lmstack error that names the file, tensor or field at fault."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from hf_models import hf_model
+from safetensors.torch import load_file, save_file
+
+import lmstack
+from lmstack.errors import CheckpointError
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_corrupted_safetensors_file(llama_dir):
+    path = llama_dir / "model.safetensors"
+    path.write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00{not a header" + b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt or truncated"):
+        lmstack.load(llama_dir)
+
+
+def test_truncated_safetensors_file(llama_dir):
+    path = llama_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt or truncated"):
+        lmstack.load(llama_dir)
+
+
+def test_config_with_missing_field(llama_dir):
+    config = json.loads((llama_dir / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json has no 'num_hidden_layers' field"):
+        lmstack.load(llama_dir)
+
+
+def test_config_that_is_not_json(llama_dir):
+    (llama_dir / "config.json").write_text("{ broken")
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        lmstack.load(llama_dir)
+
+
+def test_directory_without_weights(llama_dir):
+    (llama_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no weights in .*expected model\.safetensors"):
+        lmstack.load(llama_dir)
+
+
+def test_pickled_weights_are_refused(llama_dir):
+    (llama_dir / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, llama_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: lmstack never loads pickled weights"):
+        lmstack.load(llama_dir)
+
+
+def test_unknown_architecture(llama_dir):
+    config = json.loads((llama_dir / "config.json").read_text())
+    config["architectures"] = ["FalconForCausalLM"]
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"architecture FalconForCausalLM is not supported"):
+        lmstack.load(llama_dir)
+
+
+def test_missing_tensor_names_tensor(llama_dir):
+    path = llama_dir / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.k_proj\.weight' is missing"):
+        lmstack.load(llama_dir)
+
+
+def test_unexpected_tensor_names_tensor_and_file(llama_dir):
+    path = llama_dir / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.extra_proj\.weight' in .*model\.safetensors"):
+        lmstack.load(llama_dir)
+
+
+def test_wrong_shape_names_tensor(llama_dir):
+    config = json.loads((llama_dir / "config.json").read_text())
+    config["num_key_value_heads"] = 4
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"k_proj.*has shape .*config\.json implies"):
+        lmstack.load(llama_dir)
+
+
+def test_missing_shard_of_sharded_checkpoint(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    shard = sorted((tmp_path / "m").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"lists shard {shard.name} .* the file is missing"):
+        lmstack.load(tmp_path / "m")
+
+
+def test_not_a_directory_nor_preset(tmp_path):
+    with pytest.raises(CheckpointError, match=r"'nope' is neither a model directory nor a preset"):
+        lmstack.load("nope")
+    with pytest.raises(CheckpointError, match=r"preset .* pass random_init=True"):
+        lmstack.load("llama-3.2-1b")
+
+
+def test_resave_in_place_removes_stale_shards(tmp_path):
+    model, _ = lmstack.load("tiny-llama", random_init=True)
+    model.save_pretrained(tmp_path, max_shard_size="30KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
+    shutil.rmtree(tmp_path)

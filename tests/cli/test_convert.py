@@ -1,0 +1,52 @@
+"""`lmstack convert` end to end: a subprocess, as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from hf_models import VOCAB, hf_model
+
+import lmstack
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lmstack.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_commands_and_defaults():
+    out = run_cli("--help")
+    assert out.returncode == 0 and "convert" in out.stdout
+    out = run_cli("convert", "--help")
+    assert out.returncode == 0 and "default: 5GB" in out.stdout and "--config" in out.stdout
+
+
+def test_convert_dtype_and_reshard(tmp_path):
+    ref = hf_model("qwen2")
+    ref.save_pretrained(tmp_path / "src")
+    out = run_cli("convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bfloat16",
+                  "--max-shard-size", "30KB")
+    assert out.returncode == 0, out.stderr
+    index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model, _ = lmstack.load(tmp_path / "dst")
+    assert model.dtype == torch.bfloat16
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        diff = (ref(ids).logits - model.float()(ids).logits).abs().max().item()
+    assert diff < 0.2  # bf16 rounding of the weights only
+
+
+def test_convert_preset_with_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("random_init: true\nseed: 3\n")
+    out = run_cli("convert", "--config", str(tmp_path / "c.yaml"), "tiny-mixtral", str(tmp_path / "m"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path):
+    out = run_cli("convert", str(tmp_path / "missing"), str(tmp_path / "o"))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "is neither a model directory nor a preset" in out.stderr
