@@ -27,10 +27,12 @@ def test_cuda_fp32_parity_and_bf16(family, tmp_path):
         expected = ref(ids).logits
         model, _ = lmstack.load(tmp_path, device="cuda")
         got = model(ids.cuda()).logits.cpu()
-        assert (got - expected).abs().max() <= 1e-4
+        # GPU fp32 attention kernels sum in another order than the CPU reference: relative test
+        rel32 = ((got - expected).norm() / expected.norm()).item()
+        assert rel32 <= 1e-4, f"{family}: fp32 relative error {rel32:.2e}, max abs {(got - expected).abs().max():.2e}"
         bf16, _ = lmstack.load(tmp_path, device="cuda", dtype="bfloat16")
         rel = (bf16(ids.cuda()).logits.float().cpu() - expected).norm() / expected.norm()
-        assert rel < 2e-2
+        assert rel < 2e-2, f"{family}: bf16 relative error {rel:.2e}"
 
 
 def test_cuda_kv_cache_matches_full_forward():
