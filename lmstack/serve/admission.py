@@ -10,7 +10,6 @@ for shutdown new requests get 503. Everything here is per-app state, no globals.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,19 +40,30 @@ class ServeLimits:
 
 
 class Ticket:
-    """One admitted engine request; `started()` once its first output arrives."""
+    """One admitted HTTP request holding `count` engine requests; `started()` as each produces output."""
 
     def __init__(self, controller: AdmissionController, count: int):
         self._controller = controller
         self._waiting = count
+        self._closed = False
 
     def started(self, count: int = 1) -> None:
         count = min(count, self._waiting)
         self._waiting -= count
         self._controller.num_waiting -= count
 
-    def release(self) -> None:
-        self.started(self._waiting)
+    def close(self) -> None:
+        """Release whatever is left (idempotent): called when the HTTP request ends, however it ends."""
+        if not self._closed:
+            self._closed = True
+            self.started(self._waiting)
+            self._controller.num_in_flight -= 1
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class AdmissionController:
@@ -64,27 +74,20 @@ class AdmissionController:
         self.num_waiting = 0
         self.num_in_flight = 0  # HTTP requests being served (streaming or not)
         self.draining = False
-        self.refused_queue_full = 0
 
-    @contextmanager
-    def admit(self, num_requests: int = 1) -> Any:
-        """Admit `num_requests` engine requests (one HTTP request may hold several prompts)."""
+    def acquire(self, num_requests: int = 1) -> Ticket:
+        """Admit `num_requests` engine requests (one HTTP request may hold several prompts) or raise."""
         if self.draining:
             raise APIError(503, "the server is shutting down; retry on another replica", code="shutting_down")
         limit = self.limits.max_waiting
+        # A single request larger than the whole queue is still let in when nothing else waits.
         if self.num_waiting + num_requests > limit and not (self.num_waiting == 0 and num_requests > limit):
-            self.refused_queue_full += 1
             raise APIError(429, f"the server's queue is full ({self.num_waiting} requests waiting, limit "
                            f"{limit}); retry after {self.limits.retry_after} s", code="queue_full",
                            headers={"Retry-After": str(max(1, math.ceil(self.limits.retry_after)))})
         self.num_waiting += num_requests
         self.num_in_flight += 1
-        ticket = Ticket(self, num_requests)
-        try:
-            yield ticket
-        finally:
-            ticket.release()
-            self.num_in_flight -= 1
+        return Ticket(self, num_requests)
 
 
 class BodySizeLimit:

@@ -1,0 +1,108 @@
+"""`lmstack serve`: an OpenAI-compatible HTTP server over the batched engine.
+
+The server starts listening at once and loads the model in the background (/health says 503
+until it is ready), so supervisors and load balancers see it come up.
+"""
+
+from __future__ import annotations
+
+
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_model_len: int | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 8192,
+    num_blocks: int | None = None,
+    gpu_memory_utilization: float = 0.9,
+    cpu_kv_cache_gib: float = 1.0,
+    block_size: int = 16,
+    enable_prefix_caching: bool = True,
+    max_waiting: int = 256,
+    max_n: int = 16,
+    max_prompts: int = 64,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    request_timeout: float = 600.0,
+    safety_config: str | None = None,
+    shutdown_timeout: float = 30.0,
+    chat_page: bool = True,
+    log_level: str = "info",
+) -> None:
+    """Serve a model over OpenAI's API: /v1/completions, /v1/chat/completions, /v1/embeddings and more.
+
+    Args:
+        model: A Hugging Face model directory (with tokenizer.json), e.g. runs/quickstart.
+        host: Address to bind. The default, 127.0.0.1, is reachable only from this machine; use 0.0.0.0 with --api-key.
+        port: TCP port.
+        api_key: Required 'Authorization: Bearer' key (several: comma-separated). Default: $LMSTACK_API_KEY, else open.
+        served_model_name: The name clients pass as `model` (several: comma-separated). Default: the MODEL argument.
+        max_model_len: Context length (prompt + output). Default: the model's max_position_embeddings.
+        dtype: Weight dtype: auto (checkpoint's; bfloat16 for float32 checkpoints on CUDA), float32, bfloat16, float16.
+        device: cuda, cpu, ... Default: cuda when available.
+        max_num_seqs: Sequences decoded together (the batch).
+        max_num_batched_tokens: Tokens per engine step (prefill chunks plus decodes).
+        num_blocks: KV-cache blocks; default sized from memory (--gpu-memory-utilization or --cpu-kv-cache-gib).
+        gpu_memory_utilization: Fraction of GPU memory for weights plus KV cache.
+        cpu_kv_cache_gib: KV-cache size on CPU, in GiB.
+        block_size: Tokens per KV-cache block.
+        enable_prefix_caching: Reuse the KV of shared prompt prefixes.
+        max_waiting: Requests that may wait for their first token; beyond it clients get 429 with Retry-After.
+        max_n: Largest `n` (samples per prompt) a request may ask for.
+        max_prompts: Most prompts (or embedding inputs) in one request.
+        max_body_bytes: Largest request body; larger ones get 413.
+        request_timeout: Seconds a request may take from arrival to its last token (504 after).
+        safety_config: YAML/JSON file of blocked patterns by category (see docs/serving.md); off by default.
+        shutdown_timeout: Seconds in-flight requests get to finish after SIGTERM before they are aborted.
+        chat_page: Serve the chat page at /.
+        log_level: uvicorn's log level: critical, error, warning, info, debug.
+    """
+    import logging
+
+    from lmstack.serve.admission import ServeLimits
+    from lmstack.serve.app import ServeConfig, create_app
+    from lmstack.serve.auth import resolve_api_keys
+    from lmstack.serve.safety import SafetyFilter
+    from lmstack.serve.server import run_server
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    names = [n.strip() for n in (served_model_name or model).split(",") if n.strip()]
+    keys = resolve_api_keys(api_key.split(",") if api_key else None)
+    config = ServeConfig(
+        model_names=names, model_root=model, api_keys=keys,
+        limits=ServeLimits(max_waiting=max_waiting, max_n=max_n, max_prompts=max_prompts,
+                           max_body_bytes=max_body_bytes, request_timeout=request_timeout),
+        safety=SafetyFilter.load(safety_config) if safety_config else None, chat_page=chat_page)
+    engine_options = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, num_blocks=num_blocks,
+                          gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
+                          block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+
+    def load():
+        from lmstack.engine import AsyncEngine
+
+        return AsyncEngine(model, dtype=None if dtype == "auto" else dtype, device=device, **engine_options)
+
+    _check_model_dir(model)
+    app = create_app(config=config, loader=load)
+    run_server(app, host=host, port=port, shutdown_timeout=shutdown_timeout, log_level=log_level)
+
+
+def _check_model_dir(model: str) -> None:
+    """Fail before binding the port when the directory cannot be a model (a typo, a missing tokenizer)."""
+    from pathlib import Path
+
+    from lmstack.errors import CheckpointError
+
+    path = Path(model)
+    if not path.is_dir():
+        raise CheckpointError(f"{model} is not a directory; pass a Hugging Face model directory "
+                              "(config.json, model.safetensors, tokenizer.json)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{model} has no config.json; it is not a Hugging Face model directory")
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{model} has no tokenizer.json; the server needs the tokenizer to read text prompts")

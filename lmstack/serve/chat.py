@@ -1,0 +1,196 @@
+"""POST /v1/chat/completions: messages -> the model's chat template -> one engine request.
+
+The template is the tokenizer's own (rendered in jinja2's sandbox by `lmstack.tokenizer`),
+so the prompt is what the model was trained on. Streaming follows OpenAI's chunk sequence:
+a first delta with the role, content deltas, a last one with `finish_reason`, an optional
+usage chunk (`stream_options.include_usage`), then `data: [DONE]`. A reply stopped by the
+content filter ends with finish_reason `content_filter` and the reason in `refusal`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from lmstack.errors import LmstackError
+from lmstack.serve.errors import APIError, bad_request
+from lmstack.serve.generation import SSE_DONE, PromptRun, SSEResponse, run_prompt, sse, until_disconnected
+from lmstack.serve.logprobs import chat_logprobs
+from lmstack.serve.params import check_model, check_prompt_length, resolve_max_tokens, sampling_params
+from lmstack.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    DeltaMessage,
+    UsageInfo,
+    now,
+    random_id,
+)
+
+_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "documents"}
+
+
+def messages_as_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        d = {"role": m.role, "content": m.text()}
+        for key in ("name", "tool_call_id", "tool_calls"):
+            value = getattr(m, key)
+            if value is not None:
+                d[key] = value
+        out.append(d)
+    return out
+
+
+def render_chat(state: Any, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, tools: list[dict] | None = None,
+                template_kwargs: dict[str, Any] | None = None) -> str:
+    """The prompt text for `messages`; 400 when the template refuses them."""
+    kwargs = dict(template_kwargs or {})
+    clash = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
+    if clash:
+        raise bad_request(f"chat_template_kwargs may not set {clash}; use the request fields instead",
+                          param="chat_template_kwargs")
+    dicts = messages_as_dicts(messages)
+    try:
+        text = state.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt, tools=tools,
+                                                   **kwargs)
+    except LmstackError as err:
+        raise bad_request(f"the chat template could not render these messages: {err}", param="messages") from None
+    if continue_final_message:  # as transformers: cut the rendered text right after the last message
+        final = dicts[-1]["content"].strip()
+        if dicts[-1]["role"] != "assistant" or not final or final not in text:
+            raise bad_request("continue_final_message needs a final assistant message with content",
+                              param="messages")
+        text = text[: text.rindex(final) + len(final)]
+    return text
+
+
+def _check_unsupported(req: ChatCompletionRequest) -> None:
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request(f"response_format {req.response_format.type!r} is not supported (no constrained decoding "
+                          "yet); use 'text'", param="response_format", code="unsupported_parameter")
+    choice = req.tool_choice
+    if choice is not None and not (isinstance(choice, str) and choice in ("none", "auto")):
+        raise bad_request("tool_choice other than 'none' or 'auto' is not supported: the server does not parse tool "
+                          "calls; tools are only shown to the model through its chat template",
+                          param="tool_choice", code="unsupported_parameter")
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    refusal: str | None = None
+    started: bool = False
+
+
+def _plan(state: Any, req: ChatCompletionRequest, request_id: str) -> PromptRun:
+    _check_unsupported(req)
+    safety = state.config.safety
+    if safety is not None:
+        violation = safety.check_input_texts([m.text() for m in req.messages])
+        if violation is not None:
+            state.metrics.safety_refusal("input", violation.category)
+            raise APIError(400, violation.user_message(), param="messages", code="content_filter")
+    tools = req.tools if req.tool_choice != "none" else None
+    text = render_chat(state, req.messages, add_generation_prompt=req.add_generation_prompt,
+                       continue_final_message=req.continue_final_message, tools=tools,
+                       template_kwargs=req.chat_template_kwargs)
+    ids = state.tokenizer.encode(text, add_special_tokens=False)
+    check_prompt_length(state, len(ids), param="messages")
+    if req.max_completion_tokens is not None:
+        max_tokens = resolve_max_tokens(state, len(ids), req.max_completion_tokens, "max_completion_tokens")
+    else:
+        max_tokens = resolve_max_tokens(state, len(ids), req.max_tokens, "max_tokens")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return PromptRun(request_id, ids, sampling_params(state, req, max_tokens, logprobs=logprobs))
+
+
+def _usage(run: PromptRun) -> UsageInfo:
+    p, c = len(run.prompt_token_ids), run.num_generated
+    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+async def create_chat_completion(state: Any, req: ChatCompletionRequest, request: Request) -> Response:
+    model = check_model(state, req.model)
+    state.require_engine()
+    request_id = random_id("chatcmpl")
+    run = _plan(state, req, request_id)
+    created = now()
+    deadline = time.monotonic() + state.config.limits.request_timeout
+    ticket = state.admit(1)
+    if req.stream:
+        return SSEResponse(_stream(state, req, run, created, model, deadline, ticket), on_close=ticket.close)
+    with ticket:
+        choices = await until_disconnected(request, _collect(state, req, run, ticket, deadline))
+    body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=_usage(run))
+    return JSONResponse(body.model_dump())
+
+
+async def _collect(state: Any, req: ChatCompletionRequest, run: PromptRun, ticket: Any,
+                   deadline: float) -> list[ChatChoice]:
+    choices = [_Choice() for _ in range(req.n)]
+    async for update in run_prompt(state, run, ticket, deadline):
+        for d in update.deltas:
+            c = choices[d.index]
+            c.text += d.text
+            c.token_ids += d.token_ids
+            if req.logprobs:
+                c.logprobs += chat_logprobs(state.texts, d.token_ids, d.logprobs or [], d.top_logprobs,
+                                            req.top_logprobs or 0)
+            if d.finish_reason is not None:
+                c.finish_reason, c.stop_reason, c.refusal = d.finish_reason, d.stop_reason, d.refusal
+    return [ChatChoice(index=j, message=AssistantMessage(content=c.text, refusal=c.refusal),
+                       logprobs=ChatLogprobs(content=c.logprobs) if req.logprobs else None,
+                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for j, c in enumerate(choices)]
+
+
+async def _stream(state: Any, req: ChatCompletionRequest, run: PromptRun, created: int, model: str,
+                  deadline: float, ticket: Any):
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
+
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        body = ChatCompletionChunk(id=run.request_id, created=created, model=model, choices=choices,
+                                   usage=usage or (_usage(run) if continuous else None)).model_dump()
+        for choice in body["choices"]:  # OpenAI sends only the delta's present fields
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return sse(json.dumps(body, ensure_ascii=False))
+
+    try:
+        # The role comes first, before any token: clients show the turn starting at once.
+        yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
+                     for j in range(req.n)])
+        async for update in run_prompt(state, run, ticket, deadline):
+            for d in update.deltas:
+                logprobs = None
+                if req.logprobs and d.token_ids:
+                    logprobs = ChatLogprobs(content=chat_logprobs(state.texts, d.token_ids, d.logprobs or [],
+                                                                  d.top_logprobs, req.top_logprobs or 0))
+                if not (d.text or logprobs or d.finish_reason):
+                    continue
+                delta = DeltaMessage(content=d.text or None, refusal=d.refusal)
+                yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
+                                             finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+        ticket.close()
+        if include_usage:
+            yield chunk([], _usage(run))
+    except APIError as err:
+        state.metrics.error(err.status)
+        yield sse(json.dumps(err.body()))
+    yield SSE_DONE

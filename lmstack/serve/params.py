@@ -1,0 +1,116 @@
+"""OpenAI request fields -> `SamplingParams`, with every model-dependent check done up front.
+
+The schema (protocol.py) has already checked types and fixed ranges; here we check what
+depends on the model and the server's limits (context length, vocabulary, `n`, stop strings)
+and answer with a 400 naming the field, before the engine sees anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmstack.errors import ConfigError
+from lmstack.infer.params import SamplingParams
+from lmstack.serve.errors import APIError, bad_request
+
+
+def check_model(state: Any, model: str | None) -> str:
+    """The served model's name; 400 for a name this server does not serve."""
+    names = state.config.model_names
+    if model is None or model == "" or model in names:
+        return names[0]
+    raise APIError(400, f"the model {model!r} does not exist on this server; it serves {names}",
+                   param="model", code="model_not_found")
+
+
+def check_prompt_length(state: Any, num_tokens: int, param: str = "prompt") -> None:
+    limit = state.engine.max_model_len
+    if num_tokens == 0:
+        raise bad_request("the prompt is empty after tokenization; give at least one token", param=param)
+    if num_tokens >= limit:
+        raise bad_request(f"the prompt has {num_tokens} tokens but this model's context (max_model_len) is {limit} "
+                          "tokens, leaving no room to generate; shorten the prompt", param=param,
+                          code="context_length_exceeded")
+
+
+def resolve_max_tokens(state: Any, num_prompt_tokens: int, requested: int | None, param: str) -> int:
+    """`requested` checked against the context; None fills what the context leaves."""
+    room = state.engine.max_model_len - num_prompt_tokens
+    if requested is None:
+        return room
+    if requested > room:
+        raise bad_request(f"{param}={requested} is beyond the context: the prompt has {num_prompt_tokens} tokens and "
+                          f"max_model_len is {state.engine.max_model_len}, so {param} can be at most {room}",
+                          param=param, code="context_length_exceeded")
+    return requested
+
+
+def _logit_bias(state: Any, bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias key {key!r} is not a token id (keys are token ids as strings)",
+                              param="logit_bias") from None
+        if not 0 <= token < state.engine.vocab_size:
+            raise bad_request(f"logit_bias token id {token} is outside the vocabulary [0, {state.engine.vocab_size})",
+                              param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise bad_request(f"logit_bias value {value} for token {token} must be in [-100, 100]", param="logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _stop(state: Any, stop: str | list[str] | None) -> list[str] | None:
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > state.config.limits.max_stop:
+        raise bad_request(f"stop has {len(stops)} strings; this server allows at most {state.config.limits.max_stop}",
+                          param="stop")
+    if any(s == "" for s in stops):
+        raise bad_request("stop strings must not be empty", param="stop")
+    return stops or None
+
+
+def sampling_params(state: Any, req: Any, max_tokens: int, *, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's options for an OpenAI request (completions or chat)."""
+    limits = state.config.limits
+    if req.n > limits.max_n:
+        raise bad_request(f"n={req.n} is above this server's limit of {limits.max_n} samples per prompt", param="n")
+    if req.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens={req.min_tokens} is larger than max_tokens={max_tokens}", param="min_tokens")
+    for tid in req.stop_token_ids or []:
+        if tid >= state.engine.vocab_size:
+            raise bad_request(f"stop_token_ids entry {tid} is outside the vocabulary [0, {state.engine.vocab_size})",
+                              param="stop_token_ids")
+    params = SamplingParams(
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None else req.top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=_logit_bias(state, req.logit_bias),
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=_stop(state, req.stop),
+        stop_token_ids=list(req.stop_token_ids) if req.stop_token_ids else None,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        seed=req.seed,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+    try:
+        return params.validate(state.engine.vocab_size)
+    except ConfigError as err:
+        field = str(err).split("=", 1)[0].strip()
+        raise bad_request(str(err), param=field if field.isidentifier() else None) from None
