@@ -136,9 +136,13 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 5
 
 
 def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | None = None,
-               loader: Callable[[], Any] | None = None) -> FastAPI:
-    """The server app. engine: an `AsyncEngine` (or None with `loader`, a blocking function
-    returning one, run at startup off the event loop). tokenizer: defaults to the engine's."""
+               loader: Callable[[], Any] | None = None, shutdown_engine: bool | None = None) -> FastAPI:
+    """The server app.
+
+    engine: an `AsyncEngine` (or None with `loader`, a blocking function returning one, run at
+    startup off the event loop). tokenizer: defaults to the engine's. shutdown_engine: stop the
+    engine when the app stops; by default only an engine the app loaded itself.
+    """
     from contextlib import asynccontextmanager
 
     config = config or ServeConfig()
@@ -161,7 +165,8 @@ def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | 
             state.admission.draining = True
             if load_task is not None and not load_task.done():
                 await asyncio.gather(load_task, return_exceptions=True)
-            if state.engine is not None:
+            owns = loader is not None if shutdown_engine is None else shutdown_engine
+            if state.engine is not None and owns:
                 await state.engine.shutdown()
 
     app = FastAPI(title="lmstack", version="0.1.0", lifespan=lifespan,

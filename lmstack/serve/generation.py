@@ -122,7 +122,8 @@ async def run_prompt(state: Any, run: PromptRun, ticket: Any, deadline: float) -
         await stream.aclose()
         if not started:
             ticket.started()
-        timer.finished(list(run.finish_reasons.values()))
+        # a choice with no finish reason was cut short (client gone, timeout, error): the engine aborted it
+        timer.finished([run.finish_reasons.get(j, "abort") for j in range(n)])
 
 
 _DONE = object()

@@ -47,3 +47,60 @@ def build_model_dir(directory: Path, seed: int = 0, max_positions: int = 256) ->
                 p.normal_(0.0, 0.2)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+class LiveServer:
+    """An app served by uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, app, shutdown_timeout: float = 5.0):
+        import socket
+
+        from lmstack.serve.server import make_server
+
+        self.app = app
+        self.state = app.state.lmstack
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = make_server(app, "127.0.0.1", self.port, shutdown_timeout, log_level="warning")
+        self.thread = None
+
+    def __enter__(self) -> LiveServer:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+def tiny_engine(model_dir, **options):
+    from lmstack.engine import AsyncEngine
+
+    defaults = dict(device="cpu", num_blocks=512, block_size=16, max_num_seqs=64, max_model_len=256)
+    defaults.update(options)
+    return AsyncEngine(str(model_dir), **defaults)
+
+
+def wait_idle(engine, timeout: float = 10.0) -> object:
+    """Poll the engine until nothing runs or waits and no KV block is held; returns the last stats."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()
+        if (s.num_running == 0 and s.num_waiting == 0 and s.kv_blocks_used == 0) or time.monotonic() > deadline:
+            return s
+        time.sleep(0.05)

@@ -1,0 +1,82 @@
+"""Fixtures: one tiny model directory and one real AsyncEngine + live server per session."""
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from serve_helpers import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir):
+    pytest.importorskip("lmstack.engine", reason="the batched engine (issue 6) is not on this branch yet")
+    from serve_helpers import tiny_engine
+
+    engine = tiny_engine(tiny_dir)
+    yield engine
+    import asyncio
+
+    asyncio.run(engine.shutdown())
+
+
+@pytest.fixture(scope="session")
+def server(engine):
+    """The server most tests use: real engine, an API key, served as 'tiny'."""
+    from serve_helpers import LiveServer
+
+    from lmstack.serve import ServeConfig, create_app
+
+    app = create_app(engine, config=ServeConfig(model_names=["tiny", "tiny-alias"], api_keys=[API_KEY]))
+    with LiveServer(app) as live:
+        yield live
+
+
+@pytest.fixture()
+def client(server):
+    import openai
+
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture()
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_dir):
+    """transformers' model and `tokenizers`' tokenizer for the same directory: the references."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype="float32").eval()
+    return model, Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+
+
+def reference_logprobs(model, ids):
+    """log_softmax of a full forward pass: row i is the distribution of token i + 1."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def reference_greedy(model, ids, max_new_tokens):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()

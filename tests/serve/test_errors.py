@@ -1,0 +1,192 @@
+"""Bad input, overload and misbehaving clients: the right status and OpenAI's error body, never a 500.
+
+Also: a client that disconnects (streaming or not) or times out has its request aborted in
+the engine, and every KV block comes back.
+"""
+
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import API_KEY
+from serve_helpers import LiveServer, wait_idle
+
+from lmstack.serve import ServeConfig, ServeLimits, create_app
+
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "Hi", "temperature": -0.5}, "temperature"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 10_000}, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "Hi", "n": 17}, "n"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "model": "missing"}, "model"),
+    ("/v1/completions", {"prompt": "Hi", "stop": ["a"] * 40}, "stop"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [10**6]}, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "Hi", "min_tokens": 50, "max_tokens": 5}, "min_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": [1, -2]}, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [300000]]}, "prompt"),
+    ("/v1/completions", {"prompt": {"text": "Hi"}}, "prompt"),
+    ("/v1/completions", {"prompt": "word " * 300}, "prompt"),
+    ("/v1/completions", {}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 1000}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 3}, None),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/embeddings", {"input": []}, "input"),
+    ("/v1/embeddings", {"input": "Hi", "dimensions": 3}, "dimensions"),
+    ("/detokenize", {"tokens": [10**7]}, "tokens"),
+    ("/tokenize", {}, None),
+])
+def test_invalid_fields_are_400(http, path, body, param):
+    err = _error(http.post(path, json=body), 400)
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_malformed_bodies_are_400(http):
+    for content in (b"{not json", b"[1, 2]", b"", b"\xff\xfe", b'"just a string"'):
+        err = _error(http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"}), 400)
+        assert err["code"] in ("invalid_json", "invalid_type", "missing_required_parameter")
+    _error(http.post("/v1/completions", content=b"prompt=Hi", headers={"Content-Type": "text/plain"}), 400)
+    assert _error(http.get("/v1/nothing"), 404)["type"] == "not_found_error"
+    _error(http.delete("/v1/models"), 405)
+
+
+def test_oversized_body_is_413(http):
+    big = b'{"prompt": "' + b"a" * (9 * 1024 * 1024) + b'"}'
+    assert _error(http.post("/v1/completions", content=big), 413)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        for _ in range(10):
+            yield b"a" * (1024 * 1024)
+    assert http.post("/v1/completions", content=chunks()).status_code == 413
+
+
+def test_full_queue_is_429_with_retry_after(server, http):
+    admission = server.state.admission
+    held = admission.acquire(admission.limits.max_waiting)  # as if the queue were full
+    try:
+        r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert _error(r, 429)["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
+        r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "stream": True})
+        assert _error(r, 429)["type"] == "rate_limit_error"
+    finally:
+        held.close()
+    assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_503_while_loading_and_while_draining(server, http):
+    with LiveServer(create_app(config=ServeConfig(model_names=["tiny"]))) as loading:
+        assert _error(httpx.get(loading.url + "/health"), 503)["message"].startswith("the model is still loading")
+        r = httpx.post(loading.url + "/v1/completions", json={"prompt": "Hi"})
+        assert _error(r, 503)["code"] == "engine_unavailable" and "Retry-After" in r.headers
+        assert "lmstack:engine_loading" in httpx.get(loading.url + "/metrics").text
+    server.state.admission.draining = True
+    try:
+        assert _error(httpx.get(server.url + "/health"), 503)["type"] == "service_unavailable_error"
+        _error(http.post("/v1/completions", json={"prompt": "Hi"}), 503)
+    finally:
+        server.state.admission.draining = False
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_streaming_disconnect_aborts_and_frees_blocks(server, engine):
+    body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "stream": True, "n": 4}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: {") for line in got)
+            assert engine.stats().kv_blocks_used > 0
+    stats = wait_idle(engine)
+    assert stats.num_running == 0 and stats.kv_blocks_used == 0
+    assert server.state.admission.num_in_flight == 0 and server.state.admission.num_waiting == 0
+
+
+def test_non_streaming_disconnect_aborts(server, engine):
+    body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "n": 16}
+    before = engine.stats().requests_finished_total.get("abort", 0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=httpx.Timeout(5.0, read=0.3))
+    stats = wait_idle(engine)
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0
+    assert stats.requests_finished_total.get("abort", 0) > before
+
+
+def test_request_timeout_is_504_and_aborts(engine):
+    config = ServeConfig(model_names=["tiny"], limits=ServeLimits(request_timeout=0.2))
+    with LiveServer(create_app(engine, config=config)) as live:
+        body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "n": 16}
+        err = _error(httpx.post(live.url + "/v1/completions", json=body, timeout=30), 504)
+        assert err["code"] == "request_timeout" and "--request-timeout" in err["message"]
+        with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert '"request_timeout"' in events[-2] and events[-1] == "data: [DONE]"
+    assert wait_idle(engine).kv_blocks_used == 0
+
+
+def test_concurrent_clients_all_finish(server, engine):
+    results = []
+
+    def worker(i):
+        r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                       json={"prompt": f"Hello {i}", "max_tokens": 20, "ignore_eos": True})
+        results.append(r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else r.status_code)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["length"] * 12
+    assert wait_idle(engine).kv_blocks_used == 0
+
+
+def test_metrics_are_prometheus_and_mirror_the_engine(server, http, engine):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 5, "ignore_eos": True})
+    with http.stream("POST", "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "stream": True}) as r:
+        assert list(r.iter_lines())[-2] == "data: [DONE]"
+    time.sleep(0.1)
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append(s)
+    for name in ("lmstack:time_to_first_token_seconds_count", "lmstack:inter_token_latency_seconds_count",
+                 "lmstack:e2e_request_latency_seconds_count", "lmstack:request_queue_time_seconds_count",
+                 "lmstack:time_per_output_token_seconds_count", "lmstack:num_requests_running",
+                 "lmstack:num_requests_waiting", "lmstack:kv_cache_usage_perc", "lmstack:prompt_tokens_total",
+                 "lmstack:generation_tokens_total", "lmstack:num_preemptions_total", "lmstack:prefix_cache_hits_total",
+                 "lmstack:prefix_cache_queries_total", "lmstack:request_success_total"):
+        assert name in samples, name
+    assert samples["lmstack:time_to_first_token_seconds_count"][0].value >= 2
+    assert samples["lmstack:generation_tokens_total"][0].value == engine.stats().generation_tokens_total
+    reasons = {s.labels["finished_reason"] for s in samples["lmstack:request_success_total"]}
+    assert "length" in reasons
+    assert all(s.labels["model_name"] == "tiny" for s in samples["lmstack:kv_cache_usage_perc"])
+    assert 0.0 <= samples["lmstack:kv_cache_usage_perc"][0].value <= 1.0
