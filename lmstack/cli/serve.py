@@ -63,10 +63,14 @@ def serve(
     """
     import logging
 
+    from lmstack.serve.safety import SafetyFilter
+
+    _check_model_dir(model)  # cheap checks first: no torch or FastAPI import for a typo
+    safety = SafetyFilter.load(safety_config) if safety_config else None
+
     from lmstack.serve.admission import ServeLimits
     from lmstack.serve.app import ServeConfig, create_app
     from lmstack.serve.auth import resolve_api_keys
-    from lmstack.serve.safety import SafetyFilter
     from lmstack.serve.server import run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -76,7 +80,7 @@ def serve(
         model_names=names, model_root=model, api_keys=keys,
         limits=ServeLimits(max_waiting=max_waiting, max_n=max_n, max_prompts=max_prompts,
                            max_body_bytes=max_body_bytes, request_timeout=request_timeout),
-        safety=SafetyFilter.load(safety_config) if safety_config else None, chat_page=chat_page)
+        safety=safety, chat_page=chat_page)
     engine_options = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, num_blocks=num_blocks,
                           gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
@@ -87,7 +91,6 @@ def serve(
 
         return AsyncEngine(model, dtype=None if dtype == "auto" else dtype, device=device, **engine_options)
 
-    _check_model_dir(model)
     app = create_app(config=config, loader=load)
     run_server(app, host=host, port=port, shutdown_timeout=shutdown_timeout, log_level=log_level)
 

@@ -133,7 +133,7 @@ class OutputGuard:
         self.violation: Violation | None = None
 
     def feed(self, delta: str, final: bool = False) -> str:
-        """Add generated text; return what may be shown now ('' once blocked)."""
+        """Add generated text; return what may be shown now (once blocked: up to the match, then '')."""
         if self.violation is not None:
             return ""
         self.text += delta
@@ -143,8 +143,10 @@ class OutputGuard:
         overlap = self.safety.holdback_chars + 1
         self.violation = self.safety.find(self.text, "output", start=max(0, self.scanned - overlap))
         self.scanned = len(self.text)
-        if self.violation is not None:
-            return ""
+        if self.violation is not None:  # what precedes the match is not part of it: release that much
+            out = self.text[self.emitted:max(self.emitted, self.violation.start)]
+            self.emitted += len(out)
+            return out
         release_to = len(self.text) if final else max(self.emitted, len(self.text) - self.safety.holdback_chars)
         out, self.emitted = self.text[self.emitted:release_to], release_to
         return out
