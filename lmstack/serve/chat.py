@@ -21,7 +21,13 @@ from lmstack.errors import LmstackError
 from lmstack.serve.errors import APIError, bad_request
 from lmstack.serve.generation import SSE_DONE, PromptRun, SSEResponse, run_prompt, sse, until_disconnected
 from lmstack.serve.logprobs import chat_logprobs
-from lmstack.serve.params import check_model, check_prompt_length, resolve_max_tokens, sampling_params
+from lmstack.serve.params import (
+    check_engine_accepts,
+    check_model,
+    check_prompt_length,
+    resolve_max_tokens,
+    sampling_params,
+)
 from lmstack.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -117,7 +123,9 @@ def _plan(state: Any, req: ChatCompletionRequest, request_id: str) -> PromptRun:
     else:
         max_tokens = resolve_max_tokens(state, len(ids), req.max_tokens, "max_tokens")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return PromptRun(request_id, ids, sampling_params(state, req, max_tokens, logprobs=logprobs))
+    params = sampling_params(state, req, max_tokens, logprobs=logprobs)
+    check_engine_accepts(state, ids, params)
+    return PromptRun(request_id, ids, params)
 
 
 def _usage(run: PromptRun) -> UsageInfo:

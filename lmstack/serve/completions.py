@@ -27,7 +27,13 @@ from lmstack.serve.generation import (
     until_disconnected,
 )
 from lmstack.serve.logprobs import completion_logprobs
-from lmstack.serve.params import check_model, check_prompt_length, resolve_max_tokens, sampling_params
+from lmstack.serve.params import (
+    check_engine_accepts,
+    check_model,
+    check_prompt_length,
+    resolve_max_tokens,
+    sampling_params,
+)
 from lmstack.serve.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -105,6 +111,7 @@ def _plan(state: Any, req: CompletionRequest, request_id: str) -> list[_Prompt]:
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else req.prompt_logprobs
         params = sampling_params(state, req, max(max_tokens, 1), logprobs=req.logprobs,
                                  prompt_logprobs=prompt_logprobs)
+        check_engine_accepts(state, ids, params)
         plan.append(_Prompt(ids, text, PromptRun(f"{request_id}-{i}", ids, params), hidden=max_tokens == 0))
     return plan
 

@@ -33,6 +33,11 @@ class EngineClient:
         """Streamed `RequestOutput`s, each holding only what is new; closing it early aborts the request."""
         return self.engine.generate(list(prompt_token_ids), params, request_id=request_id)
 
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise the engine's own error for a request it could never serve (e.g. too big for the KV
+        pool) now, before a streamed response has sent its 200."""
+        self.engine.core.make_request(list(prompt_token_ids), params)
+
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 

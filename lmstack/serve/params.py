@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, LmstackError
 from lmstack.infer.params import SamplingParams
 from lmstack.serve.errors import APIError, bad_request
 
@@ -114,3 +114,12 @@ def sampling_params(state: Any, req: Any, max_tokens: int, *, logprobs: int | No
     except ConfigError as err:
         field = str(err).split("=", 1)[0].strip()
         raise bad_request(str(err), param=field if field.isidentifier() else None) from None
+
+
+def check_engine_accepts(state: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """The engine's own admission checks (context, KV pool), as a 400 before any response starts."""
+    try:
+        state.engine.validate(prompt_token_ids, params)
+    except LmstackError as err:
+        code = "context_length_exceeded" if "max_model_len" in str(err) or "KV blocks" in str(err) else "invalid_value"
+        raise bad_request(str(err), code=code) from None

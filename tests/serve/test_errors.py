@@ -190,3 +190,21 @@ def test_metrics_are_prometheus_and_mirror_the_engine(server, http, engine):
     assert "length" in reasons
     assert all(s.labels["model_name"] == "tiny" for s in samples["lmstack:kv_cache_usage_perc"])
     assert 0.0 <= samples["lmstack:kv_cache_usage_perc"][0].value <= 1.0
+
+
+def test_request_too_big_for_the_kv_pool_is_400_before_streaming(tiny_dir):
+    import asyncio
+
+    from serve_helpers import tiny_engine
+
+    small = tiny_engine(tiny_dir, num_blocks=4)  # 64 tokens of KV: a chat filling the 256-token context cannot fit
+    try:
+        with LiveServer(create_app(small, config=ServeConfig(model_names=["tiny"]))) as live:
+            for stream in (False, True):
+                r = httpx.post(live.url + "/v1/chat/completions", json={"messages": CHAT, "stream": stream})
+                err = _error(r, 400)
+                assert "KV blocks" in err["message"] and err["code"] == "context_length_exceeded"
+            ok = httpx.post(live.url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8})
+            assert ok.status_code == 200
+    finally:
+        asyncio.run(small.shutdown())
