@@ -1,8 +1,8 @@
 """HTTP overhead of `lmstack serve`: requests/s and time to first token, server vs the engine used directly.
 
 The same workload (random token-id prompts, greedy, `ignore_eos`, streamed) runs at several
-concurrency levels twice in one run: against `AsyncEngine` in this process, then against
-`lmstack serve` (a subprocess on a loopback port) through `/v1/completions` with SSE.
+concurrency levels against `AsyncEngine` in this process and against `lmstack serve` (a
+subprocess on a loopback port, through `/v1/completions` with SSE), in interleaved rounds.
 The ratio server/engine is the cost of HTTP, JSON, SSE and detokenization. The model is a
 preset with random weights and a word-level tokenizer as large as its vocabulary (every
 token decodes to text), saved to a temporary Hugging Face directory.
@@ -20,6 +20,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,10 +136,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(16, 4 x concurrency)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (engine, server) per level")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.45,
-                    help="per engine: the direct engine is shut down before the server starts")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                    help="per engine: the direct engine and the server's are alive at the same time")
     ap.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = ap.parse_args()
     import httpx
@@ -164,48 +166,46 @@ def main() -> None:
 
         loads = {level: workload(level) for level in levels}
         warm = workload(1)[:2]
-        results: dict[tuple[str, int], tuple[float, list[float], int]] = {}
+        # (kind, level) -> per-round req/s, and every TTFT of every round
+        rates: dict[tuple[str, int], list[float]] = {}
+        ttfts: dict[tuple[str, int], list[float]] = {}
 
-        engine = AsyncEngine(str(model_dir), device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                             **options)
-
-        async def run_direct(engine) -> None:
-            submit = direct_submitter(engine, args.max_tokens)
-            await run_level(submit, warm, 2)
-            for level in levels:
-                seconds, ttfts = await run_level(submit, loads[level], level)
-                results[("engine", level)] = (seconds, ttfts, len(loads[level]))
-                print(f"engine  c={level:4d}: {len(loads[level]) / seconds:8.2f} req/s", flush=True)
-            await engine.shutdown()
-
-        asyncio.run(run_direct(engine))
-        del engine
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        def record(kind: str, level: int, seconds: float, times: list[float]) -> None:
+            rates.setdefault((kind, level), []).append(len(loads[level]) / seconds)
+            ttfts.setdefault((kind, level), []).extend(times)
+            print(f"round {len(rates[(kind, level)])} {kind:6s} c={level:4d}: {len(loads[level]) / seconds:8.2f} req/s",
+                  flush=True)
 
         port = free_port()
         server = start_server(model_dir, port, engine_args)
+        engine = AsyncEngine(str(model_dir), device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                             **options)
         try:
-            async def run_http() -> None:
+            async def run_all() -> None:
                 limits = httpx.Limits(max_connections=max(levels) + 8, max_keepalive_connections=max(levels) + 8)
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as c:
-                    submit = http_submitter(c, args.max_tokens)
-                    await run_level(submit, warm, 2)
-                    for level in levels:
-                        seconds, ttfts = await run_level(submit, loads[level], level)
-                        results[("http", level)] = (seconds, ttfts, len(loads[level]))
-                        print(f"server  c={level:4d}: {len(loads[level]) / seconds:8.2f} req/s", flush=True)
+                    submitters = {"engine": direct_submitter(engine, args.max_tokens),
+                                  "server": http_submitter(c, args.max_tokens)}
+                    for submit in submitters.values():
+                        await run_level(submit, warm, 2)
+                    # Interleaved rounds: machine noise hits both sides alike.
+                    for _ in range(args.rounds):
+                        for level in levels:
+                            for kind, submit in submitters.items():
+                                seconds, times = await run_level(submit, loads[level], level)
+                                record(kind, level, seconds, times)
+                await engine.shutdown()
 
-            asyncio.run(run_http())
+            asyncio.run(run_all())
         finally:
             server.terminate()
             server.wait(60)
 
     rows = []
     for level in levels:
-        e_s, e_t, n = results[("engine", level)]
-        h_s, h_t, _ = results[("http", level)]
-        rows.append([level, n, f"{n / e_s:.2f}", f"{n / h_s:.2f}", f"{(n / h_s) / (n / e_s):.2f}x",
+        e_rate, h_rate = statistics.median(rates[("engine", level)]), statistics.median(rates[("server", level)])
+        e_t, h_t = ttfts[("engine", level)], ttfts[("server", level)]
+        rows.append([level, len(loads[level]), f"{e_rate:.2f}", f"{h_rate:.2f}", f"{h_rate / e_rate:.2f}x",
                      f"{1000 * percentile(e_t, .5):.1f} / {1000 * percentile(e_t, .99):.1f}",
                      f"{1000 * percentile(h_t, .5):.1f} / {1000 * percentile(h_t, .99):.1f}"])
     table = markdown_table(["concurrency", "requests", "engine req/s", "server req/s", "server/engine",

@@ -32,7 +32,6 @@ from lmstack.serve.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
@@ -124,7 +123,8 @@ def _plan(state: Any, req: ChatCompletionRequest, request_id: str) -> PromptRun:
         max_tokens = resolve_max_tokens(state, len(ids), req.max_tokens, "max_tokens")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(state, req, max_tokens, logprobs=logprobs)
-    check_engine_accepts(state, ids, params)
+    if req.stream:  # a non-streamed request gets the engine's 400 from the engine itself
+        check_engine_accepts(state, ids, params)
     return PromptRun(request_id, ids, params)
 
 
@@ -173,12 +173,20 @@ async def _stream(state: Any, req: ChatCompletionRequest, run: PromptRun, create
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
 
+    head = (f'data: {{"id":"{run.request_id}","object":"chat.completion.chunk","created":{created},'
+            f'"model":{json.dumps(model)},')
+
     def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
-        body = ChatCompletionChunk(id=run.request_id, created=created, model=model, choices=choices,
-                                   usage=usage or (_usage(run) if continuous else None)).model_dump()
-        for choice in body["choices"]:  # OpenAI sends only the delta's present fields
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-        return sse(json.dumps(body, ensure_ascii=False))
+        # The shape of ChatCompletionChunk, built without a pydantic object per token.
+        usage = usage or (_usage(run) if continuous else None)
+        out = []
+        for c in choices:
+            out.append({"index": c.index, "delta": {k: v for k, v in (("role", c.delta.role), ("content", c.delta.content),
+                        ("refusal", c.delta.refusal)) if v is not None},
+                        "logprobs": c.logprobs.model_dump() if c.logprobs is not None else None,
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return (f'{head}"choices":{json.dumps(out, ensure_ascii=False)},"system_fingerprint":null,'
+                f'"usage":{json.dumps(usage.model_dump() if usage is not None else None)}}}\n\n')
 
     try:
         # The role comes first, before any token: clients show the turn starting at once.

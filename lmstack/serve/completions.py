@@ -8,6 +8,7 @@ evaluation harnesses use to score a continuation. `max_tokens=0` returns only th
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +112,8 @@ def _plan(state: Any, req: CompletionRequest, request_id: str) -> list[_Prompt]:
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else req.prompt_logprobs
         params = sampling_params(state, req, max(max_tokens, 1), logprobs=req.logprobs,
                                  prompt_logprobs=prompt_logprobs)
-        check_engine_accepts(state, ids, params)
+        if req.stream:  # a non-streamed request gets the engine's 400 from the engine itself
+            check_engine_accepts(state, ids, params)
         plan.append(_Prompt(ids, text, PromptRun(f"{request_id}-{i}", ids, params), hidden=max_tokens == 0))
     return plan
 
@@ -193,11 +195,16 @@ async def _stream(state: Any, req: CompletionRequest, plan: list[_Prompt], reque
     choices = [_Choice() for _ in range(len(plan) * n)]
     echoed: set[int] = set()
 
+    # One chunk per token and stream: built from a fixed prefix with json.dumps, the shape of
+    # CompletionResponse (tests parse it with the openai client), without a pydantic object each time.
+    head = f'data: {{"id":"{request_id}","object":"text_completion","created":{created},"model":{json.dumps(model)},'
+
     def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> str:
-        body = CompletionResponse(id=request_id, created=created, model=model, choices=[CompletionChoice(
-            index=index, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop)],
-            usage=_usage(plan) if continuous else None)
-        return sse(body.model_dump_json())
+        choice = {"index": index, "text": text, "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                  "finish_reason": finish, "stop_reason": stop}
+        usage = _usage(plan).model_dump() if continuous else None
+        return (f'{head}"choices":[{json.dumps(choice, ensure_ascii=False)}],"system_fingerprint":null,'
+                f'"usage":{json.dumps(usage)}}}\n\n')
 
     try:
         async for i, update in merge([run_prompt(state, p.run, ticket, deadline) for p in plan]):
@@ -233,6 +240,4 @@ async def _stream(state: Any, req: CompletionRequest, plan: list[_Prompt], reque
 
 
 def _json(body: dict) -> str:
-    import json
-
     return json.dumps(body)

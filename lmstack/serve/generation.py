@@ -60,7 +60,8 @@ class PromptRun:
 def engine_error(err: BaseException) -> APIError:
     """An engine exception -> the status a client should see."""
     if isinstance(err, LmstackError):
-        code = "context_length_exceeded" if "max_model_len" in str(err) else "invalid_value"
+        too_long = "max_model_len" in str(err) or "KV blocks" in str(err)
+        code = "context_length_exceeded" if too_long else "invalid_value"
         return APIError(400, str(err), code=code)
     if type(err).__name__ == "EngineDeadError":
         return APIError(503, f"the engine is not available: {err}", code="engine_unavailable")
@@ -73,16 +74,18 @@ async def run_prompt(state: Any, run: PromptRun, ticket: Any, deadline: float) -
     guards = [safety.output_guard() if safety is not None and safety.check_output else None for _ in range(n)]
     timer = state.metrics.timer(len(run.prompt_token_ids))
     stream = engine.generate(run.request_id, run.prompt_token_ids, run.params)
-    started = False
+    started, timed_out, abort_task = False, False, None
+
+    def on_deadline() -> None:  # one timer per request, not a timeout per token
+        nonlocal timed_out, abort_task
+        timed_out = True
+        abort_task = asyncio.ensure_future(engine.abort(run.request_id))
+
+    deadline_timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), on_deadline)
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        async for out in stream:
+            if timed_out:
                 raise asyncio.TimeoutError
-            try:
-                out = await asyncio.wait_for(stream.__anext__(), remaining)
-            except StopAsyncIteration:
-                break
             if not started:
                 started = True
                 ticket.started()
@@ -112,6 +115,8 @@ async def run_prompt(state: Any, run: PromptRun, ticket: Any, deadline: float) -
             yield Update(deltas, out.prompt_logprobs, getattr(out, "prompt_top_logprobs", None), finished)
             if finished:
                 break  # if the filter stopped every choice, closing the stream below aborts the request
+        if timed_out:
+            raise asyncio.TimeoutError
     except asyncio.TimeoutError:
         raise APIError(504, f"the request did not finish within the server's timeout of "
                        f"{state.config.limits.request_timeout:g} s (--request-timeout); ask for fewer tokens",
@@ -119,6 +124,7 @@ async def run_prompt(state: Any, run: PromptRun, ticket: Any, deadline: float) -
     except (LmstackError, RuntimeError) as err:
         raise engine_error(err) from None
     finally:
+        deadline_timer.cancel()
         await stream.aclose()
         if not started:
             ticket.started()

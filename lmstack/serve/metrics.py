@@ -104,6 +104,10 @@ class ServerMetrics:
                               labels + ["status"], registry=r)
         self.starting = Gauge(NS + "engine_loading", "1 while the model is loading, else 0.", labels, registry=r)
         r.register(EngineStatsCollector(model_name, stats, admission))
+        # Children for this model, looked up once: observed for every token.
+        self.ttft_m, self.itl_m, self.tpot_m, self.e2e_m, self.queue_m, self.prompt_len_m, self.output_len_m = (
+            h.labels(model_name) for h in (self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.prompt_len,
+                                           self.output_len))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -138,29 +142,28 @@ class RequestTimer:
         """`count` new tokens arrived now (over all samples)."""
         if count <= 0:
             return
-        m, name = self.metrics, self.metrics.model_name
+        m = self.metrics
         t = time.perf_counter()
         if queue_time is not None and not self.queue_observed:
             self.queue_observed = True
-            m.queue.labels(name).observe(max(0.0, queue_time))
+            m.queue_m.observe(max(0.0, queue_time))
         if self.first_token is None:
             self.first_token = t
-            m.ttft.labels(name).observe(t - self.arrival)
+            m.ttft_m.observe(t - self.arrival)
         else:
             gap = (t - self.last_token) / count
-            itl = m.itl.labels(name)
             for _ in range(count):
-                itl.observe(gap)
+                m.itl_m.observe(gap)
         self.num_output_tokens += count
         self.last_token = t
 
     def finished(self, finish_reasons: list[str]) -> None:
         m, name = self.metrics, self.metrics.model_name
         end = time.perf_counter()
-        m.e2e.labels(name).observe(end - self.arrival)
-        m.prompt_len.labels(name).observe(self.num_prompt_tokens)
-        m.output_len.labels(name).observe(self.num_output_tokens)
+        m.e2e_m.observe(end - self.arrival)
+        m.prompt_len_m.observe(self.num_prompt_tokens)
+        m.output_len_m.observe(self.num_output_tokens)
         if self.first_token is not None and self.num_output_tokens > 1:
-            m.tpot.labels(name).observe((self.last_token - self.first_token) / (self.num_output_tokens - 1))
+            m.tpot_m.observe((self.last_token - self.first_token) / (self.num_output_tokens - 1))
         for reason in finish_reasons:
             m.success.labels(name, reason).inc()

@@ -121,5 +121,6 @@ def check_engine_accepts(state: Any, prompt_token_ids: list[int], params: Sampli
     try:
         state.engine.validate(prompt_token_ids, params)
     except LmstackError as err:
-        code = "context_length_exceeded" if "max_model_len" in str(err) or "KV blocks" in str(err) else "invalid_value"
-        raise bad_request(str(err), code=code) from None
+        from lmstack.serve.generation import engine_error
+
+        raise engine_error(err) from None
