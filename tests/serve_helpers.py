@@ -7,6 +7,7 @@ from pathlib import Path
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Hello world! Serving models over HTTP is fun. "
         "Tokens stream back one by one; the client reads them as they come. ") * 20
+API_KEY = "test-key-123"  # the key of the shared test server
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -104,3 +105,21 @@ def wait_idle(engine, timeout: float = 10.0) -> object:
         if (s.num_running == 0 and s.num_waiting == 0 and s.kv_blocks_used == 0) or time.monotonic() > deadline:
             return s
         time.sleep(0.05)
+
+
+def reference_logprobs(model, ids):
+    """log_softmax of a full forward pass: row i is the distribution of token i + 1."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def reference_greedy(model, ids, max_new_tokens):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()

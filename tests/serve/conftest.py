@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-API_KEY = "test-key-123"
+from serve_helpers import API_KEY
 
 
 @pytest.fixture(scope="session")
@@ -62,21 +62,3 @@ def hf_reference(tiny_dir):
 
     model = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype="float32").eval()
     return model, Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
-
-
-def reference_logprobs(model, ids):
-    """log_softmax of a full forward pass: row i is the distribution of token i + 1."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].double()
-    return torch.log_softmax(logits, dim=-1)
-
-
-def reference_greedy(model, ids, max_new_tokens):
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()

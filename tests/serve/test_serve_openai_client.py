@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 import torch
-from conftest import API_KEY, reference_greedy, reference_logprobs
+from serve_helpers import API_KEY, reference_greedy, reference_logprobs
 
 PROMPT = "The quick brown fox"
 

@@ -8,7 +8,7 @@ the prompt tokens' logprobs must be those of a full forward pass (here transform
 import math
 
 import pytest
-from conftest import reference_logprobs
+from serve_helpers import reference_logprobs
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1])
