@@ -55,7 +55,7 @@ class PrepareConfig:
     restart: bool = False  # ignore an interrupted run's checkpoint and start over
     clean: CleanConfig = field(default_factory=CleanConfig)
     text_piece_bytes: int = 1 << 16  # text files are cut into documents of about this size
-    item_bytes: int = 1 << 20  # work handed to a worker at a time
+    item_bytes: int = 1 << 18  # work handed to a worker at a time (small: even finish across workers)
     progress: bool = True
 
 
@@ -114,7 +114,7 @@ def run_fingerprint(resolved: list[tuple[str, list[InputFile]]], tokenizer: Toke
     """Identifies a run: same inputs (path, size, mtime), tokenizer and options -> may resume."""
     inputs = [[spec, [[f.path, f.size, os.stat(f.path).st_mtime_ns] for f in files]] for spec, files in resolved]
     data = {"version": FORMAT_VERSION, "inputs": inputs, "tokenizer": tokenizer.fingerprint,
-            "options": output_options(config)}
+            "options": output_options(config), "item_bytes": config.item_bytes}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -122,7 +122,7 @@ def output_options(config: PrepareConfig) -> dict[str, Any]:
     """The options that change the output (workers, progress and the like do not)."""
     return {"text_field": config.text_field, "val_fraction": config.val_fraction,
             "shard_tokens": config.shard_tokens, "skip_bad": config.skip_bad, "clean": asdict(config.clean),
-            "text_piece_bytes": config.text_piece_bytes, "item_bytes": config.item_bytes}
+            "text_piece_bytes": config.text_piece_bytes}
 
 
 class _Run:
