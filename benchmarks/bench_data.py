@@ -3,7 +3,8 @@
 Both run in one process on the same text (the running Python's stdlib, or --input) with all
 CPU cores: the library through its Rayon thread pool, `data prepare` through its worker
 processes, end to end (reading files, NFC, control characters, hashing, dedup, shards).
-Each is run --repeats times, alternating, and the best time counts (the machine may be shared).
+Each is run --repeats times, alternating; the ratio reported is the median of the paired runs'
+ratios (each pair ran back to back), MB/s are best-of (the machine may be shared).
 
     python benchmarks/bench_data.py                      # trains an 8192-token BPE on the stdlib first
     python benchmarks/bench_data.py --tokenizer DIR --repeats 3 --record
@@ -74,26 +75,30 @@ def main() -> None:
             shutil.rmtree(out)
             print(f"run {r + 1}: encode_batch {raw_times[-1]:.1f}s, data prepare {prep_times[-1]:.1f}s")
         raw, prep = nbytes / 1e6 / min(raw_times), report.input_bytes / 1e6 / min(prep_times)
+        paired = sorted(r / p for r, p in zip(raw_times, prep_times))
+        ratio = paired[len(paired) // 2] if len(paired) % 2 else sum(paired[len(paired) // 2 - 1:][:2]) / 2
+        print("paired ratios (prepare / raw speed): " + ", ".join(f"{r:.2f}" for r in paired))
         rows = [("tokenizers encode_batch (Rayon, all cores)", raw, 1.0),
-                (f"lmstack data prepare ({report.workers} workers, end to end)", prep, prep / raw)]
+                (f"lmstack data prepare ({report.workers} workers, end to end)", prep, ratio)]
         print(f"\ncorpus {args.input}: {len(texts)} documents, {nbytes / 1e6:.1f} MB, {tokens:,} tokens; "
               f"{cores} cores, {cpu_name()}")
         print(f"{'':52s} {'MB/s':>8s} {'ratio':>7s}")
         for name, mbs, ratio in rows:
             print(f"{name:52s} {mbs:8.2f} {ratio:7.2f}x")
         if args.record:
-            record(args, rows, len(texts), nbytes, tokens, cores)
+            record(args, rows, len(texts), nbytes, tokens, cores, paired)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def record(args, rows, docs, nbytes, tokens, cores) -> None:
+def record(args, rows, docs, nbytes, tokens, cores, paired) -> None:
     path = Path(__file__).resolve().parent / "RESULTS.md"
     command = "python benchmarks/bench_data.py " + " ".join(sys.argv[1:])
     lines = [f"\n### bench_data: data prepare vs tokenizers ({datetime.date.today().isoformat()})\n",
              f"- hardware: {cpu_name()}, {cores} cores available, Python {platform.python_version()}; "
-             "shared machine (other jobs were running), so absolute MB/s are noisy; the ratio is measured "
-             "side by side in one run (best of repeats)",
+             "shared machine (other jobs were running), so absolute MB/s are noisy; MB/s are best of "
+             f"{args.repeats} runs, the ratio is the median of {args.repeats} back-to-back pairs "
+             f"({', '.join(f'{r:.2f}' for r in paired)})",
              f"- command: `{command.strip()}`",
              f"- corpus: {args.input} ({docs} documents, {nbytes / 1e6:.1f} MB, {tokens:,} tokens, "
              f"vocab {args.vocab_size if 'bench_data_' in args.tokenizer else args.tokenizer})\n",

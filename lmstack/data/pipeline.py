@@ -309,33 +309,35 @@ def prepare(config: PrepareConfig) -> PrepareReport:
     started = time.perf_counter()
     tokenizer = Tokenizer.load(config.tokenizer)
     _check(config, tokenizer)
-    resolved = resolve_inputs(config.inputs)
-    items = plan_items(resolved, config)
-    fingerprint = run_fingerprint(resolved, tokenizer, config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = _prepare_out_dir(out, config, fingerprint)
-    run = _Run(config, tokenizer, resolved, fingerprint)
-    if state is not None:
-        run.restore(state)
-    todo = items[run.items_done:]
     workers = config.workers or len(os.sched_getaffinity(0))
     setup = WorkerSetup(tokenizer.backend.to_str(), config.text_field, config.clean, single_thread=workers > 1)
-    bar = tqdm(total=sum(i.nbytes for i in items), initial=sum(i.nbytes for i in items[:run.items_done]),
-               unit="B", unit_scale=True, desc="data prepare", disable=not config.progress)
-    try:
-        if workers == 1:
-            processor = ItemProcessor(setup)
-            results = map(processor, todo)
-            _consume_all(run, results, todo, bar)
-        else:
-            import multiprocessing
+    pool = None
+    if workers > 1:  # start the workers first: they boot while this process plans the work
+        import multiprocessing
 
-            with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker,
-                                                           initargs=(setup,)) as pool:
-                _consume_all(run, pool.imap(run_item, todo, chunksize=1), todo, bar)
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(setup,))
+    try:
+        resolved = resolve_inputs(config.inputs)
+        items = plan_items(resolved, config)
+        fingerprint = run_fingerprint(resolved, tokenizer, config)
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        state = _prepare_out_dir(out, config, fingerprint)
+        run = _Run(config, tokenizer, resolved, fingerprint)
+        if state is not None:
+            run.restore(state)
+        todo = items[run.items_done:]
+        results = pool.imap(run_item, todo, chunksize=1) if pool is not None else map(ItemProcessor(setup), todo)
+        with tqdm(total=sum(i.nbytes for i in items), initial=sum(i.nbytes for i in items[:run.items_done]),
+                  unit="B", unit_scale=True, desc="data prepare", disable=not config.progress) as bar:
+            for item, result in zip(todo, results):
+                if run.consume(result):
+                    run.checkpoint()
+                bar.update(item.nbytes)
     finally:
-        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     index = run.finish()
     report = PrepareReport(
         out=str(out), splits={s: {k: v for k, v in index["splits"][s].items() if k != "shards"} | {
@@ -349,10 +351,3 @@ def prepare(config: PrepareConfig) -> PrepareReport:
                                f"--val-fraction {config.val_fraction} rounds to 0; raise --val-fraction")
     atomic_write_json(out / REPORT_FILE, asdict(report) | {"mb_per_s": report.mb_per_s})
     return report
-
-
-def _consume_all(run: _Run, results, todo: list[WorkItem], bar) -> None:
-    for item, result in zip(todo, results):
-        if run.consume(result):
-            run.checkpoint()
-        bar.update(item.nbytes)
