@@ -8,6 +8,7 @@ keeps one `ItemProcessor` per process (the only module state, as multiprocessing
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -78,9 +79,13 @@ class ItemProcessor:
                 if text is not None:
                     texts.append(text)
         encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False) if texts else []
-        arrays = [np.array(e.ids, dtype=np.uint32) for e in encodings]
-        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-        tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+        ids = array.array("I")  # extending an array.array is the cheapest way out of Python lists
+        lengths = np.empty(len(encodings), dtype=np.int64)
+        for j, encoding in enumerate(encodings):
+            doc = encoding.ids
+            lengths[j] = len(doc)
+            ids.extend(doc)
+        tokens = np.frombuffer(ids, dtype=np.uint32) if ids.itemsize == 4 else np.array(ids, dtype=np.uint32)
         signatures = None
         if setup.clean.near_dedup:
             signatures = np.stack([minhash_signature(t, setup.clean.num_perm, setup.clean.shingle_words)
