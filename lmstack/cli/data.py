@@ -79,7 +79,7 @@ def tokenizer_train(
     started = time.perf_counter()
     tokenizer = Tokenizer.train(texts(), vocab_size, special_tokens=special_tokens or DEFAULT_SPECIAL_TOKENS,
                                 min_frequency=min_frequency, add_bos_token=add_bos_token,
-                                model_max_length=model_max_length)
+                                model_max_length=model_max_length, show_progress=True)
     bar.close()
     tokenizer.save(out)
     skipped = f", {len(bad)} bad records skipped (e.g. {bad[0]})" if bad else ""
