@@ -158,7 +158,8 @@ def _loop(model, plan: Plan, tokenizer, decoder: Decoder | None, states_out: lis
         done = [s.finished for s in states]
         if all(done):
             return
-        active = torch.tensor([not d for d in done], device=device)
+        if counts is not None:  # finished rows keep decoding padding; their counts must not change
+            active = torch.tensor([not d for d in done], device=device)
         logits = decoder.decode(tokens).float()
     for r, state in enumerate(states):  # only reached if max_new_tokens ran out without a finish
         if not state.finished:
