@@ -13,8 +13,9 @@ import lmstack  # noqa: E402
 from lmstack.infer import GenerationConfig, generate  # noqa: E402
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lmstack.cli", *args], capture_output=True, text=True)
+def test_help_lists_the_inference_commands():
+    out = subprocess.run([sys.executable, "-m", "lmstack.cli", "generate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--num_beams" in out.stdout and "default: 128" in out.stdout
 
 
 def main_cli(capsys, *args):
@@ -31,11 +32,11 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
-def test_generate_json_matches_the_python_api(model_dir):
-    out = run_cli("generate", str(model_dir), "--prompt", "To be", "--max_new_tokens", "12", "--ignore_eos", "true",
-                  "--logprobs", "2", "--json_output", "true", "--device", "cpu")
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)[0]["outputs"][0]
+def test_generate_json_matches_the_python_api(model_dir, capsys):
+    code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--max_new_tokens", "12",
+                              "--ignore_eos", "true", "--logprobs", "2", "--json_output", "true", "--device", "cpu")
+    assert code == 0, err
+    got = json.loads(out)[0]["outputs"][0]
     model, tok = lmstack.load(model_dir)
     ref = generate(model, "To be", GenerationConfig(max_new_tokens=12, ignore_eos=True), tok)[0].outputs[0]
     assert got["token_ids"] == ref.token_ids and got["text"] == ref.text and len(got["logprobs"]) == 12

@@ -1,6 +1,6 @@
 """CUDA: the compiled path (static cache, CUDA-graph decode, bucketed prefill) equals the eager one.
 
-Run on a GPU machine: `pytest -m cuda tests/infer/test_cuda.py`.
+Run on a GPU machine: `pytest -m cuda tests/infer/test_infer_cuda.py`.
 """
 
 import pytest
@@ -24,7 +24,7 @@ def _tokens(results):
     return [[o.token_ids for o in r.outputs] for r in results]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "mistral", "mixtral"])
 def test_compiled_decoding_equals_eager_fp32(family):
     model = _model(family)
     fast = CompiledDecoder(model, compile=True, prefill_buckets=(16, 64))
