@@ -66,7 +66,12 @@ def generate(
     stop_token_ids: list[int] | None = None,
     min_tokens: int = 0,
     ignore_eos: bool = False,
+    include_stop_str_in_output: bool = False,
+    logit_bias: dict[int, float] | None = None,
+    banned_token_ids: list[int] | None = None,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    skip_special_tokens: bool = True,
     seed: int | None = None,
     stream: bool = False,
     json_output: bool = False,
@@ -100,7 +105,12 @@ def generate(
         stop_token_ids: Extra token ids that end generation.
         min_tokens: Generate at least this many tokens before EOS/stop ids may end it.
         ignore_eos: Keep generating past EOS.
+        include_stop_str_in_output: Keep the matched stop string at the end of the text.
+        logit_bias: Added to token logits, e.g. --logit_bias '{"50256": -100}'.
+        banned_token_ids: Token ids never generated, e.g. --banned_token_ids '[0, 1]'.
         logprobs: Also print the logprob of each token and the top-k alternatives.
+        prompt_logprobs: Report the logprob of every prompt token (in --json_output).
+        skip_special_tokens: Leave special tokens out of the decoded text.
         seed: Seed for reproducible sampling.
         stream: Print text as it is generated.
         json_output: Print the full outputs (tokens, logprobs, finish reasons) as JSON.
@@ -127,7 +137,9 @@ def generate(
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, n=n, num_beams=num_beams, length_penalty=length_penalty,
         early_stopping=stopping, stop=stop, stop_token_ids=stop_token_ids, min_tokens=min_tokens,
-        ignore_eos=ignore_eos, logprobs=logprobs, seed=seed)
+        ignore_eos=ignore_eos, include_stop_str_in_output=include_stop_str_in_output, logit_bias=logit_bias,
+        banned_token_ids=banned_token_ids, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=skip_special_tokens, seed=seed)
     net, tokenizer = _load(model, device, dtype)
     config.validate(net.config.vocab_size)
     if prompt_file is not None:

@@ -37,6 +37,7 @@ def test_compiled_decoding_equals_eager_fp32(family):
         assert _tokens(compiled) == _tokens(eager) == _tokens(again)
 
 
+@torch.inference_mode()
 def test_compiled_bf16_logits_close_to_eager():
     model = _model("llama", torch.bfloat16)
     ids = torch.tensor([PROMPTS[0]], device="cuda")
