@@ -115,7 +115,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--variants", default=None,
-                    help="comma list of: bf16/fp32 (unquantized), int8, int4, float8, transformers")
+                    help="comma list of: bf16/fp32 (unquantized), int8, int4, float8, transformers, "
+                         "speculative-int4 / speculative-int8 (target = unquantized, draft = its quantized copy)")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
     ap.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="lmstack's compiled path")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per variant (median)")
@@ -140,7 +142,7 @@ def main() -> None:
     base.save_pretrained(tmp.name)
 
     bandwidth = copy_bandwidth(device)
-    models, runs = {}, {}
+    models, runs, spec_stats = {}, {}, {}
     for v in variants:
         if v == "transformers":
             import transformers
@@ -149,6 +151,22 @@ def main() -> None:
                                                                    attn_implementation="sdpa").to(device).eval()
             models[v] = hf
             runs[v] = (lambda m=hf: hf_run(m, prompt, new_tokens)), (lambda m=hf: hf_run(m, prompt, 1))
+            continue
+        if v.startswith("speculative"):
+            from lmstack.infer.quantize import quantize
+            from lmstack.infer.speculative import speculative_generate
+
+            draft = quantize(lmstack.load(tmp.name, dtype=dtype, device=device)[0].eval(), v.split("-")[-1],
+                             group_size=args.group_size)
+            tdec, ddec = make_decoder(base, compile_), make_decoder(draft, compile_)
+
+            def spec(n, v=v, draft=draft, tdec=tdec, ddec=ddec):
+                config = GenerationConfig(max_new_tokens=n, ignore_eos=True, eos_token_ids=[])
+                out, spec_stats[v] = speculative_generate(base, draft, prompt[0], config, num_draft_tokens=args.draft_tokens,
+                                                          target_decoder=tdec, draft_decoder=ddec)
+                return out.outputs[0].token_ids
+            models[v] = base
+            runs[v] = (lambda s=spec: s(new_tokens)), (lambda s=spec: s(1))
             continue
         model = base if v in ("bf16", "fp32", "fp16") else lmstack.load(tmp.name, dtype=dtype, device=device)[0].eval()
         if v in ("int8", "int4", "float8"):
@@ -168,9 +186,10 @@ def main() -> None:
         print(f"warm-up {v}: {time.perf_counter() - start:.1f}s, first tokens {tokens[:8]}", flush=True)
         if v in ("bf16", "fp32"):
             reference_tokens = tokens
-        elif v == "transformers" and reference_tokens is not None:
-            same = sum(a == b for a, b in zip(tokens, reference_tokens))
-            print(f"  transformers vs lmstack greedy tokens equal: {same}/{len(tokens)}")
+        elif v in ("transformers",) or v.startswith("speculative"):
+            if reference_tokens is not None:
+                same = sum(a == b for a, b in zip(tokens, reference_tokens))
+                print(f"  {v} vs lmstack greedy tokens equal: {same}/{len(tokens)}")
     times = {v: [] for v in runs}
     first_times = {v: [] for v in runs}
     for _ in range(args.rounds):
@@ -199,7 +218,10 @@ def main() -> None:
         decode_tps = (new_tokens - 1) / max(total - median(first_times[v]), 1e-9)
         wbytes = weight_bytes_per_token(models[v]) if v != "transformers" else weight_bytes_per_token(base)
         limit = bandwidth / wbytes
-        if v != "transformers":
+        if v.startswith("speculative"):
+            st = spec_stats[v]
+            q = [f"acceptance {st.acceptance_rate:.1%}", f"{st.tokens_per_pass:.2f} tokens/target pass", ""]
+        elif v != "transformers":
             ppl, kl, agree = quality(models[v], ref_logits, ids, window)
             q = [f"{ppl:.2f}", f"{kl:.4f}", f"{agree:.1%}"]
         else:

@@ -76,3 +76,17 @@ def test_mismatched_vocab_and_penalties_are_errors():
         speculative_generate(target, other, [1, 2], GenerationConfig(max_new_tokens=2))
     with pytest.raises(ConfigError, match="penalties"):
         speculative_generate(target, target, [1, 2], GenerationConfig(max_new_tokens=2, repetition_penalty=1.1))
+
+
+def test_greedy_with_static_cache_decoders():
+    """The CUDA path's static caches (rolled back with crop) give the same tokens."""
+    from lmstack.infer import CompiledDecoder
+
+    target, draft = _model("mistral", 1), _model("mistral", 2)  # sliding window 8 < sequence
+    prompt = [5, 9, 11, 3, 8]
+    config = GenerationConfig(max_new_tokens=16, eos_token_ids=[])
+    expected = generate(target, prompt, config)[0].outputs[0].token_ids
+    out, _ = speculative_generate(target, draft, prompt, config, num_draft_tokens=3,
+                                  target_decoder=CompiledDecoder(target, compile=False),
+                                  draft_decoder=CompiledDecoder(draft, compile=False))
+    assert out.outputs[0].token_ids == expected
