@@ -12,6 +12,7 @@ import sys
 
 from lmstack.cli.convert import convert
 from lmstack.cli.data import data_prepare, tokenizer_train
+from lmstack.cli.infer import chat, generate, quantize
 from lmstack.errors import LmstackError
 
 
@@ -21,6 +22,9 @@ def commands() -> dict:
         "convert": convert,
         "tokenizer": {"train": tokenizer_train},
         "data": {"prepare": data_prepare},
+        "generate": generate,
+        "chat": chat,
+        "quantize": quantize,
     }
 
 
