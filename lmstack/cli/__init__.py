@@ -12,6 +12,8 @@ import sys
 
 from lmstack.cli.convert import convert
 from lmstack.cli.serve import serve
+from lmstack.cli.data import data_prepare, tokenizer_train
+from lmstack.cli.infer import chat, generate, quantize
 from lmstack.errors import LmstackError
 
 
@@ -20,6 +22,11 @@ def commands() -> dict:
     return {
         "convert": convert,
         "serve": serve,
+        "tokenizer": {"train": tokenizer_train},
+        "data": {"prepare": data_prepare},
+        "generate": generate,
+        "chat": chat,
+        "quantize": quantize,
     }
 
 
