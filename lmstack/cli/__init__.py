@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 
 from lmstack.cli.convert import convert
-from lmstack.cli.serve import serve
 from lmstack.cli.data import data_prepare, tokenizer_train
 from lmstack.cli.infer import chat, generate, quantize
+from lmstack.cli.serve import serve
 from lmstack.errors import LmstackError
 
 
