@@ -211,7 +211,8 @@ def main() -> None:
     table = markdown_table(["concurrency", "requests", "engine req/s", "server req/s", "server/engine",
                             "engine TTFT p50 / p99 (ms)", "server TTFT p50 / p99 (ms)"], rows)
     notes = (f"{args.preset} (random weights, {vocab} vocab), {args.device}, dtype {args.dtype}, prompt "
-             f"{args.prompt_len} random token ids, {args.max_tokens} greedy tokens with ignore_eos, streamed; engine: "
+             f"{args.prompt_len} random token ids, {args.max_tokens} greedy tokens with ignore_eos, streamed; "
+             f"{args.rounds} interleaved rounds (req/s: median of rounds, TTFT: all rounds pooled); engine: "
              "AsyncEngine in the benchmark process; server: `lmstack serve` subprocess on 127.0.0.1, httpx client, "
              "SSE /v1/completions")
     if args.device == "cpu":
