@@ -144,7 +144,8 @@ class EngineCore:
             raise ConfigError("num_beams > 1 (beam search) is not supported by the engine; "
                               "use lmstack.infer.generate for beam search")
         params.validate(self.vocab_size)
-        ids_list, texts = as_token_lists(prompt, self.tokenizer)
+        is_empty = not isinstance(prompt, str) and len(prompt) == 0
+        ids_list, texts = ([[]], [None]) if is_empty else as_token_lists(prompt, self.tokenizer)
         if len(ids_list) != 1:
             raise ConfigError(f"one prompt per request, got {len(ids_list)}")
         ids, text = ids_list[0], texts[0]

@@ -282,9 +282,9 @@ class AsyncEngine:
             except BaseException as err:  # a bug or an out-of-memory: fail every request, stay dead
                 self._fail(err)
                 return
+            self._stats = core.stats()  # first, so a consumer never sees stats older than its output
             for out in outputs:
                 self._deliver(out)
-            self._stats = core.stats()
 
     def _apply(self, command: tuple) -> None:
         kind, payload, done = command

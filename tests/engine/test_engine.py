@@ -116,3 +116,25 @@ def test_stop_token_ids_and_finish_reasons():
     assert (a.outputs[0].finish_reason, a.outputs[0].stop_reason) == ("stop", stop)
     assert (b.outputs[0].token_ids, b.outputs[0].finish_reason) == (greedy, "length")
     assert llm.stats().requests_finished_total == {"stop": 1, "length": 1}
+
+
+def _text_setup():
+    from lmstack.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(["the cat sat on the mat. a dog ran to the park!"] * 20, 300,
+                                special_tokens=["<|eos|>"], bos_token=None, pad_token=None)
+    return tiny_model("llama", vocab_size=tokenizer.vocab_size), tokenizer
+
+
+def test_text_prompts_and_stop_strings_match_infer_generate():
+    model, tokenizer = _text_setup()
+    prompt = "the cat sat on"
+    full = alone(model, prompt, 12, tokenizer=tokenizer).outputs[0]
+    stop = full.text[len(full.text) // 2:][:3]  # a string that occurs in the greedy continuation
+    llm = LLM(model, tokenizer, block_size=4, num_blocks=64)
+    a, b = llm.generate([prompt, prompt], [SamplingParams(max_tokens=12, **GREEDY),
+                                           SamplingParams(max_tokens=12, stop=[stop], **GREEDY)])
+    assert (a.prompt, a.outputs[0].text, a.outputs[0].token_ids) == (prompt, full.text, full.token_ids)
+    expected = alone(model, prompt, 12, tokenizer=tokenizer, stop=[stop]).outputs[0]
+    assert stop not in b.outputs[0].text and b.outputs[0].text == expected.text
+    assert (b.outputs[0].finish_reason, b.outputs[0].stop_reason) == ("stop", stop)
