@@ -185,7 +185,8 @@ class ModelRunner:
 @torch.inference_mode()
 def profile_peak_memory(model: Transformer, max_num_batched_tokens: int, max_num_seqs: int) -> None:
     """Run the largest step once without a cache so the allocator's peak includes activations."""
-    n = max_num_batched_tokens
-    ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
-    keep = torch.arange(min(n, max_num_seqs), device=model.device)
-    model(ids, logits_to_keep=keep)
+    n, device = max_num_batched_tokens, model.device
+    ids = torch.zeros(1, n, dtype=torch.long, device=device)
+    positions = torch.arange(n, device=device)[None] % model.config.max_position_embeddings
+    keep = torch.arange(min(n, max_num_seqs), device=device)
+    model(ids, positions=positions, logits_to_keep=keep)

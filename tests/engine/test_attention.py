@@ -1,6 +1,7 @@
 """Paged attention: the reference path against a dense float64 computation, the Triton kernel
 against the reference (CPU interpreter and CUDA), and the CUDA runner's fast path and graphs."""
 
+import copy
 import math
 import os
 import subprocess
@@ -144,7 +145,7 @@ def _runner_pair(family, dtype, fast_graphs):
     from lmstack.engine.runner import ModelRunner
     from lmstack.engine.scheduler import Scheduler, SchedulerConfig
 
-    model = tiny_model(family).to(device="cuda", dtype=dtype)
+    model = copy.deepcopy(tiny_model(family)).to(device="cuda", dtype=dtype)  # the cached CPU model stays
     runners = []
     for backend, graphs in (("reference", False), ("triton", fast_graphs)):
         kv = PagedKVCache(model.config, 64, 4, "cuda", dtype)

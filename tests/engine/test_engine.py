@@ -1,5 +1,7 @@
 """The engine against single-prompt `infer.generate`: mixed batches, prefix cache, logprobs, sampling."""
 
+import copy
+
 import pytest
 import torch
 from engine_helpers import alone, prompts, tiny_model
@@ -138,3 +140,21 @@ def test_text_prompts_and_stop_strings_match_infer_generate():
     expected = alone(model, prompt, 12, tokenizer=tokenizer, stop=[stop]).outputs[0]
     assert stop not in b.outputs[0].text and b.outputs[0].text == expected.text
     assert (b.outputs[0].finish_reason, b.outputs[0].stop_reason) == ("stop", stop)
+
+
+@pytest.mark.cuda
+def test_llm_on_cuda_equals_each_prompt_alone():
+    """Triton attention + CUDA graphs, fp32, preemptions; then a pool sized from gpu_memory_utilization."""
+    cpu_model = tiny_model("qwen3")
+    model = copy.deepcopy(cpu_model).cuda()
+    ps = prompts([3, 9, 26, 14, 5, 33], seed=1)
+    llm = LLM(model, block_size=4, num_blocks=24, max_num_batched_tokens=16, max_num_seqs=4)
+    assert llm.engine.runner.backend == "triton" and llm.engine.runner.graphs
+    outs = llm.generate(ps, SamplingParams(max_tokens=10, **GREEDY))
+    assert llm.stats().num_preemptions_total > 0
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == alone(cpu_model, p, 10).outputs[0].token_ids
+    sized = LLM(model, gpu_memory_utilization=0.1, block_size=256, max_num_seqs=16)
+    assert sized.stats().kv_blocks_total > 100
+    again = sized.generate(ps, SamplingParams(max_tokens=10, **GREEDY))
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
