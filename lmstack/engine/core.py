@@ -266,11 +266,17 @@ class EngineCore:
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling options; rebuilt only when the batch's members change (steady decode reuses them)."""
         key = tuple(seq.seq_id for seq in seqs)
-        if self._sampling_cache is None or self._sampling_cache[0] != key:
+        cached = self._sampling_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if cached is not None and set(key) <= set(cached[0]):  # some finished: keep the others' rows
+            row = {seq_id: i for i, seq_id in enumerate(cached[0])}
+            tensors = cached[1].select([row[seq_id] for seq_id in key])
+        else:
             tensors = SamplingTensors.from_params([seq.params for seq in seqs], self.vocab_size, self.device,
                                                   self.eos_token_ids, generators=[seq.generator for seq in seqs])
-            self._sampling_cache = (key, tensors)
-        return self._sampling_cache[1]
+        self._sampling_cache = (key, tensors)
+        return tensors
 
     def _token_counts(self, seqs: list[Sequence]) -> TokenCounts:
         counts = TokenCounts.from_prompts([seq.token_ids[: seq.num_prompt_tokens] for seq in seqs],

@@ -72,6 +72,11 @@ class ModelRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
+    @staticmethod
+    def _fill(buffer: torch.Tensor, values) -> None:
+        """Copy host values into a slice of a fixed device buffer (one pinned H2D copy)."""
+        buffer.copy_(torch.as_tensor(values, dtype=buffer.dtype).pin_memory(), non_blocking=True)
+
     def _host_inputs(self, scheduled: list[ScheduledSequence]):
         bs = self.block_size
         tokens: list[int] = []
@@ -168,11 +173,11 @@ class ModelRunner:
     def _replay(self, tokens, positions, slots, seq_lens, tables) -> torch.Tensor:
         n = len(tokens)
         bs = self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]
-        self.g_input_ids[0, :n].copy_(self._tensor(tokens, torch.long), non_blocking=True)
-        self.g_positions[0, :n].copy_(self._tensor(positions, torch.long), non_blocking=True)
-        self.g_slots[:n].copy_(self._tensor(slots, torch.long), non_blocking=True)
-        self.g_seq_lens[:n].copy_(self._tensor(seq_lens, torch.int32), non_blocking=True)
-        self.g_tables[:n, : tables.shape[1]].copy_(self._tensor(tables, torch.int32), non_blocking=True)
+        self._fill(self.g_input_ids[0, :n], tokens)
+        self._fill(self.g_positions[0, :n], positions)
+        self._fill(self.g_slots[:n], slots)
+        self._fill(self.g_seq_lens[:n], seq_lens)
+        self._fill(self.g_tables[:n, : tables.shape[1]], tables)
         if bs > n:  # padding rows: one key in the scratch block, written to the scratch slot
             self.g_slots[n:bs].fill_(self.kv.scratch_slot)
             self.g_seq_lens[n:bs].fill_(1)

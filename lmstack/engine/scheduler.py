@@ -96,10 +96,12 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
-            budget += self._make_room(seq, seq.num_computed_tokens + n, out)
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            self.blocks.grow(seq, seq.num_computed_tokens + n)
+            end = seq.num_computed_tokens + n
+            if end > len(seq.block_table) * self.blocks.block_size:  # needs new blocks (most decodes do not)
+                budget += self._make_room(seq, end, out)
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                self.blocks.grow(seq, end)
             out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, n))
             budget -= n
         if not out.preempted:  # admitting while preempting would only thrash
@@ -174,6 +176,8 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput) -> None:
         """After the forward: the scheduled tokens are in the cache; publish their full blocks."""
+        block_size = self.blocks.block_size
         for s in out.scheduled:
             s.seq.num_computed_tokens = s.end
-            self.blocks.register(s.seq, s.end)
+            if s.end // block_size > s.seq.num_registered_blocks:  # a block was completed
+                self.blocks.register(s.seq, s.end)
