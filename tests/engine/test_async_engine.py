@@ -67,3 +67,22 @@ def test_streaming_concurrency_abort_and_stats():
         assert not engine.is_healthy
 
     asyncio.run(main())
+
+
+def test_streamed_text_adds_up_to_the_offline_text():
+    from test_engine import _text_setup
+
+    from lmstack.engine import LLM
+
+    model, tokenizer = _text_setup()
+    params = SamplingParams(max_tokens=16, **GREEDY)
+    offline = LLM(model, tokenizer, block_size=4, num_blocks=32).generate("the dog ran", params)[0].outputs[0]
+
+    async def main():
+        engine = AsyncEngine(model, tokenizer, block_size=4, num_blocks=32)
+        pieces = [out.outputs[0].text async for out in engine.generate("the dog ran", params)]
+        await engine.shutdown()
+        return pieces
+
+    pieces = asyncio.run(main())
+    assert len(pieces) > 1 and "".join(pieces) == offline.text
