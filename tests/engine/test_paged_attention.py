@@ -96,7 +96,7 @@ def test_reference_attention_equals_dense_float64(case):
 TRITON_SCRIPT = """
 import sys, torch
 sys.path.insert(0, "tests/engine")
-from test_attention import CASES, make_case, with_query_blocks, dense_float64
+from test_paged_attention import CASES, make_case, with_query_blocks, dense_float64
 from lmstack.engine.triton_attention import triton_attention
 for case in CASES:
     q, k, v, meta, window = make_case(**case)
