@@ -130,6 +130,6 @@ def triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         WINDOW=window or 0, GROUP=group, BLOCK_Q=meta.block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, HEAD_DIM_P2=max(16, triton.next_power_of_2(head_dim)),
         IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=1 if q.dtype == torch.float32 else 2,  # fp32 tiles (tests) are twice as big
     )
     return out.transpose(0, 1)[None]
