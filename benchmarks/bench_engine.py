@@ -59,6 +59,7 @@ def run_engine(model, prompts, params, args):
     setup = time.perf_counter() - start
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up (kernels, graphs)
     before = llm.stats()
+    spans = _record_gpu_spans(llm) if args.device == "cuda" else None
     synchronize(args.device)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=args.progress)
@@ -71,10 +72,40 @@ def run_engine(model, prompts, params, args):
                 preemptions=stats.num_preemptions_total - before.num_preemptions_total,
                 blocks=stats.kv_blocks_total, backend=llm.engine.runner.backend,
                 graphs=len(llm.engine.runner.graphs))
+    if spans is not None:  # GPU time from each step's first copy to its last sampling kernel
+        info["gpu_s"] = sum(a.elapsed_time(b) for a, b in spans) / 1000
     del llm
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return generated, elapsed, info
+
+
+def _record_gpu_spans(llm) -> list:
+    """CUDA events around every step's GPU work (inputs, forward, sampling), to split wall time
+    into GPU time and host time (scheduling, bookkeeping) that the GPU waits for."""
+    import lmstack.engine.core as core_module
+
+    spans, runner = [], llm.engine.runner
+    run, sample = runner.run, core_module.sample
+
+    def event():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def timed_run(*a, **k):
+        begin = event()
+        logits = run(*a, **k)
+        spans.append([begin, event()])  # steps that only prefill end here
+        return logits
+
+    def timed_sample(*a, **k):
+        tokens = sample(*a, **k)
+        spans[-1][1] = event()
+        return tokens
+
+    runner.run, core_module.sample = timed_run, timed_sample
+    return spans
 
 
 def run_transformers(model, prompts, params, args):
@@ -199,6 +230,9 @@ def main() -> None:
              f"KV blocks={info['blocks']:,}, max_num_seqs={args.max_num_seqs}, max_num_batched_tokens="
              f"{args.max_num_batched_tokens}, {info['steps']} steps, {info['preemptions']} preemptions, "
              f"setup {info['setup_s']:.1f} s (pool sizing + graph capture, not timed)"]
+    if "gpu_s" in info:
+        notes.append(f"engine wall {elapsed:.2f} s = GPU busy {info['gpu_s']:.2f} s + host-only "
+                     f"{elapsed - info['gpu_s']:.2f} s ({1000 * elapsed / info['steps']:.1f} ms/step)")
     if args.hf_requests:
         useful, raw, hf_elapsed = run_transformers(model, prompts, params, args)
         hf_rate = useful / hf_elapsed
