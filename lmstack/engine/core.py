@@ -49,6 +49,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"  # "auto" | "reference" (gather + SDPA) | "triton" (CUDA)
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA, triton backend, dense MLPs)
+    async_scheduling: bool | None = None  # overlap the next step's scheduling with this one; None: on CUDA
 
     def validate(self) -> EngineConfig:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -75,6 +76,20 @@ class EngineConfig:
         return cls(**kwargs).validate()
 
 
+PLACEHOLDER = -1  # a sampled token still on the device (overlapped scheduling); never fed to the model
+
+
+@dataclass
+class _Launched:
+    """A step whose forward and sampling are queued on the device, not read back yet."""
+
+    sample_seqs: list[Sequence]
+    prompt: list  # (sequence, logprobs_of(...) of its prompt chunk), on the device
+    tokens: torch.Tensor | None = None  # (len(sample_seqs),) sampled tokens, on the device
+    positions: list[int] | None = None  # where each sampled token goes in its sequence's token_ids
+    logprobs: tuple | None = None  # logprobs_of(...) of the sampled tokens, on the device
+
+
 class EngineCore:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         self.config = config = (config or EngineConfig()).validate()
@@ -97,6 +112,10 @@ class EngineCore:
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._sampling_cache: tuple[tuple[int, ...], SamplingTensors] | None = None
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._inflight: _Launched | None = None  # launched, not read back yet (overlapped scheduling)
+        self._num_sync_requests = 0  # active requests whose sampling needs every past token on the host
         self._counters = EngineStats(kv_blocks_total=num_blocks, block_size=config.block_size)
 
     # ---- memory -----------------------------------------------------------------------------
@@ -132,6 +151,7 @@ class EngineCore:
         if request.request_id in self.requests:
             raise RequestError(f"request_id {request.request_id!r} is already in use; give each request a unique id")
         self.requests[request.request_id] = request
+        self._num_sync_requests += request.needs_sync
         self._counters.prompt_tokens_total += len(request.prompt_token_ids)
         for seq in request.sequences:
             self.scheduler.add(seq)
@@ -153,6 +173,9 @@ class EngineCore:
         max_tokens = self._check_fits(ids, params)
         request = Request(request_id, text, ids, params, arrival_order=next(self._ids), priority=int(priority),
                           max_tokens=max_tokens, stream=stream)
+        # Penalties and min_tokens read every generated token on the host before sampling.
+        request.needs_sync = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                              or params.frequency_penalty != 0.0 or params.min_tokens > 0)
         for j in range(params.n):
             p = params if params.seed is None else params.replace(seed=params.seed + j)
             state = SequenceState(j, p, max_tokens, self.eos_token_ids, self.tokenizer)
@@ -190,45 +213,113 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
         for seq in request.sequences:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 seq.state.finish("abort")
-                seq.status = SequenceStatus.FINISHED
-        self._finished(request)
+                self._mark_finished(seq)
+        self._drop(request)
         return self._output(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one forward; returns outputs of finished requests and of streaming ones that advanced."""
+        """Run one forward; returns outputs of finished requests and of streaming ones that advanced.
+
+        With async scheduling the step launched here is read back by the next call, after that
+        call has launched its own step (fed by this one's tokens, still on the device): the host
+        then does its bookkeeping while the device computes, as vLLM's async scheduling does.
+        """
+        outputs = []
+        if self._inflight is not None and not self._overlap():
+            outputs += self._finish(self._inflight)
+            self._inflight = None
+        launched = self._launch()
+        if self._inflight is not None:  # the previous step, read back while `launched` runs
+            outputs += self._finish(self._inflight)
+        self._inflight = launched
+        if launched is not None and not self._overlap():
+            outputs += self._finish(launched)
+            self._inflight = None
+        return outputs
+
+    def _overlap(self) -> bool:
+        return self.async_scheduling and self._num_sync_requests == 0
+
+    def _launch(self) -> _Launched | None:
+        """Schedule, run the forward and sample, without reading anything back from the device."""
         out = self.scheduler.schedule()
         if out.is_empty:
-            if self.requests:  # cannot happen for validated requests; never spin silently
+            if self.requests and self._inflight is None:  # cannot happen for validated requests
                 raise RuntimeError(f"the scheduler made no progress with {len(self.requests)} requests queued")
-            return []
+            return None
         keep, sample_seqs, prompt_rows = self._rows(out)
-        logits = self.runner.run(out.scheduled, keep)
+        logits = self.runner.run(out.scheduled, keep, self._fed_tokens(out))
         self.scheduler.update(out)
-        c = self._counters
-        c.num_steps_total += 1
-        c.computed_tokens_total += out.num_tokens
-        touched: dict[str, Request] = {}
+        self._counters.num_steps_total += 1
+        self._counters.computed_tokens_total += out.num_tokens
+        prompt = []
         for seq, rows, targets in prompt_rows:
-            self._record_prompt_logprobs(seq.request, logits[rows], targets)
+            tokens = torch.tensor(targets, device=logits.device)
+            prompt.append((seq, logprobs_of(logits[rows], tokens, seq.request.params.prompt_logprobs)))
+        launched = _Launched(sample_seqs, prompt)
         if sample_seqs:
-            first = len(keep) - len(sample_seqs)
-            self._sample(sample_seqs, logits[first:], touched)
+            logits = logits[len(keep) - len(sample_seqs):]
+            tensors = self._sampling_tensors(sample_seqs)
+            counts = None
+            if tensors.do_repetition or tensors.do_presence_frequency or tensors.stop_ids is not None:
+                counts = self._token_counts(sample_seqs)
+            launched.tokens = sample(process_logits(logits, tensors, counts), tensors)
+            top_k = max((seq.params.logprobs for seq in sample_seqs if seq.params.logprobs is not None), default=None)
+            if top_k is not None:
+                launched.logprobs = logprobs_of(logits, launched.tokens, top_k)
+            launched.positions = [len(seq.token_ids) for seq in sample_seqs]
+            for i, seq in enumerate(sample_seqs):
+                seq.pending_row, seq.pending_pos = i, len(seq.token_ids)  # for the next launch to feed it
+                seq.token_ids.append(PLACEHOLDER)  # known once read back; the next step may already use it
+                if seq.num_output_tokens >= seq.request.max_tokens:
+                    self.scheduler.remove(seq)  # it finishes by length whatever the token: nothing more to run
+                    seq.status = SequenceStatus.FINISHING
+        return launched
+
+    def _fed_tokens(self, out: SchedulerOutput):
+        """Decode inputs that are tokens of the in-flight step: (flat rows, device tokens, their rows)."""
+        if self._inflight is None or self._inflight.tokens is None:
+            return None
+        rows, sources, offset = [], [], 0
+        for s in out.scheduled:
+            if s.num_tokens == 1 and s.seq.token_ids[s.start] == PLACEHOLDER:
+                assert s.start == s.seq.pending_pos, "a placeholder token from an older step"
+                rows.append(offset)
+                sources.append(s.seq.pending_row)
+            offset += s.num_tokens
+        return (rows, self._inflight.tokens, sources) if rows else None
+
+    def _finish(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step back: prompt logprobs, new tokens, stop checks, outputs."""
+        touched: dict[str, Request] = {}
+        for seq, (chosen, top_vals, top_ids) in launched.prompt:
+            request = seq.request
+            if request.request_id not in self.requests:
+                continue  # aborted meanwhile
+            if request.prompt_logprobs is None:
+                request.prompt_logprobs = [None]
+                request.prompt_top_logprobs = [None] if request.params.prompt_logprobs else None
+            request.prompt_logprobs.extend(chosen.tolist())
+            if top_ids is not None:
+                request.prompt_top_logprobs.extend(dict(zip(i, v)) for i, v in zip(top_ids.tolist(),
+                                                                                     top_vals.tolist()))
+        if launched.tokens is not None:
+            self._append_tokens(launched, touched)
         outputs = []
         for request in touched.values():
             if request.is_finished:
-                self.requests.pop(request.request_id, None)
-                self._finished(request)
+                self._drop(request)
                 outputs.append(self._output(request))
             elif request.stream:
                 outputs.append(self._output(request))
@@ -241,27 +332,18 @@ class EngineCore:
         for s in out.scheduled:
             seq, request = s.seq, s.seq.request
             if request.wants_prompt_logprobs and seq.index == 0:
-                done = len(request.prompt_logprobs or [None])  # prompt tokens already scored (+ the first)
+                done = request.num_scored_prompt_tokens  # scored or being scored (the first token counts)
                 lo, hi = max(s.start, done - 1), min(s.end, seq.num_prompt_tokens - 1)
                 if lo < hi:  # positions lo..hi-1 predict prompt tokens lo+1..hi
                     first = len(prompt_keep)
                     prompt_keep.extend(range(offset + lo - s.start, offset + hi - s.start))
                     prompt_rows.append((seq, slice(first, len(prompt_keep)), seq.token_ids[lo + 1:hi + 1]))
+                    request.num_scored_prompt_tokens = hi + 1
             if s.completes:
                 sample_keep.append(offset + s.num_tokens - 1)
                 sample_seqs.append(seq)
             offset += s.num_tokens
         return prompt_keep + sample_keep, sample_seqs, prompt_rows
-
-    def _record_prompt_logprobs(self, request: Request, logits: torch.Tensor, targets: list[int]) -> None:
-        if request.prompt_logprobs is None:
-            request.prompt_logprobs = [None]
-            request.prompt_top_logprobs = [None] if request.params.prompt_logprobs else None
-        tokens = torch.tensor(targets, device=logits.device)
-        chosen, top_vals, top_ids = logprobs_of(logits, tokens, request.params.prompt_logprobs)
-        request.prompt_logprobs.extend(chosen.tolist())
-        if top_ids is not None:
-            request.prompt_top_logprobs.extend(dict(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist()))
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling options; rebuilt only when the batch's members change (steady decode reuses them)."""
@@ -289,23 +371,20 @@ class EngineCore:
                 counts.num_generated[i] = len(out)
         return counts
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, Request]) -> None:
-        tensors = self._sampling_tensors(seqs)
-        counts = None
-        if tensors.do_repetition or tensors.do_presence_frequency or tensors.stop_ids is not None:
-            counts = self._token_counts(seqs)
-        tokens = sample(process_logits(logits, tensors, counts), tensors)
-        top_k = max((seq.params.logprobs for seq in seqs if seq.params.logprobs is not None), default=None)
+    def _append_tokens(self, launched: _Launched, touched: dict[str, Request]) -> None:
+        tokens = launched.tokens.tolist()  # the one host synchronisation of a step
         chosen = top = None
-        if top_k is not None:
-            lp, top_vals, top_ids = logprobs_of(logits, tokens, top_k)
+        if launched.logprobs is not None:
+            lp, top_vals, top_ids = launched.logprobs
             chosen = lp.tolist()
             if top_ids is not None:
                 top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist())]
         now = time.time()
-        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+        for i, (seq, token, position) in enumerate(zip(launched.sample_seqs, tokens, launched.positions)):
+            if seq.is_finished:
+                continue  # aborted, or stopped by the token of the step before (this one ran in vain)
             request = seq.request
-            seq.token_ids.append(token)
+            seq.token_ids[position] = token
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
                 seq.state.append(token, chosen[i], dict(top[i][:k]) if top is not None and k else {})
@@ -317,8 +396,19 @@ class EngineCore:
             self._counters.generation_tokens_total += 1
             if seq.state.finished:
                 self.scheduler.remove(seq)
-                seq.status = SequenceStatus.FINISHED
+                self._mark_finished(seq)
             touched[request.request_id] = request
+
+    def _mark_finished(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        if seq.token_ids[-1] == PLACEHOLDER:  # a decode was already launched for it: drop its input
+            seq.token_ids.pop()
+
+    def _drop(self, request: Request) -> None:
+        """A request is done (finished or aborted): forget it and count it."""
+        self.requests.pop(request.request_id, None)
+        self._num_sync_requests -= request.needs_sync
+        self._finished(request)
 
     # ---- outputs -----------------------------------------------------------------------------
     def _finished(self, request: Request) -> None:

@@ -123,15 +123,20 @@ class ModelRunner:
 
     # ---- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSequence], keep_rows: list[int]) -> torch.Tensor:
-        """Logits (len(keep_rows), vocab) in float32 for the given rows of the flat batch."""
+    def run(self, scheduled: list[ScheduledSequence], keep_rows: list[int], fed=None) -> torch.Tensor:
+        """Logits (len(keep_rows), vocab) in float32 for the given rows of the flat batch.
+
+        fed: (rows, tokens, sources): input tokens that are still on the device (sampled by the
+        step before, not read back yet): input row rows[i] is tokens[sources[i]].
+        """
         tokens, positions, slots, query_start, seq_lens, tables = self._host_inputs(scheduled)
         n = len(tokens)
         if self.graphs and n == len(scheduled) and n <= self.graph_sizes[-1] and keep_rows == list(range(n)):
-            return self._replay(tokens, positions, slots, seq_lens, tables)
+            return self._replay(tokens, positions, slots, seq_lens, tables, fed)
         meta = self._metadata(scheduled, slots, query_start, seq_lens, tables)
         context = PagedAttentionContext(self.kv.k, self.kv.v, meta, self.attention)
         input_ids = self._tensor(tokens, torch.long)[None]
+        self._feed(input_ids[0], fed)
         pos = self._tensor(positions, torch.long)[None]
         keep = self._tensor(keep_rows, torch.long)
         logits = self.model(input_ids, positions=pos, kv_cache=context, logits_to_keep=keep).logits
@@ -170,10 +175,17 @@ class ModelRunner:
         torch.cuda.synchronize()
         self.graph_sizes = sorted(self.graphs)
 
-    def _replay(self, tokens, positions, slots, seq_lens, tables) -> torch.Tensor:
+    def _feed(self, input_ids: torch.Tensor, fed) -> None:
+        if fed is not None:
+            rows, tokens, sources = fed
+            input_ids.index_copy_(0, self._tensor(rows, torch.long),
+                                  tokens.index_select(0, self._tensor(sources, torch.long)))
+
+    def _replay(self, tokens, positions, slots, seq_lens, tables, fed) -> torch.Tensor:
         n = len(tokens)
         bs = self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]
         self._fill(self.g_input_ids[0, :n], tokens)
+        self._feed(self.g_input_ids[0], fed)
         self._fill(self.g_positions[0, :n], positions)
         self._fill(self.g_slots[:n], slots)
         self._fill(self.g_seq_lens[:n], seq_lens)

@@ -74,9 +74,9 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the queues (finished or aborted) and free its blocks at once."""
-        if seq.status is SequenceStatus.RUNNING:
+        if seq in self.running:  # idempotent: a sequence may be removed before it is marked finished
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq)
 

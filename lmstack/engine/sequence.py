@@ -18,6 +18,7 @@ from typing import Any
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    FINISHING = "finishing"  # its last token is computed but not read back yet; it holds no blocks
     FINISHED = "finished"
 
 
@@ -54,6 +55,9 @@ class Sequence:
     # what the last streamed output reported, so the next one carries only what is new
     num_emitted_tokens: int = 0
     num_emitted_chars: int = 0
+    # where the token sampled by the in-flight step goes (row in its tokens, position in token_ids)
+    pending_row: int = 0
+    pending_pos: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +100,8 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None  # filled chunk by chunk (sample 0 computes them)
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    num_scored_prompt_tokens: int = 1  # prompt tokens whose logprob is known or being computed
+    needs_sync: bool = False  # its sampling reads all past tokens on the host (no overlapped scheduling)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
 
     @property
@@ -106,7 +112,3 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None
 
-    @property
-    def num_scored_prompt_tokens(self) -> int:
-        """Prompt tokens whose logprob is known (the first one counts: it has none)."""
-        return len(self.prompt_logprobs) if self.prompt_logprobs is not None else 1

@@ -39,6 +39,6 @@ class FakeRunner:
         self.gen = torch.Generator().manual_seed(seed)
         self.calls = []
 
-    def run(self, scheduled, keep_rows):
+    def run(self, scheduled, keep_rows, fed=None):
         self.calls.append([(s.seq, s.start, s.num_tokens) for s in scheduled])
         return torch.randn(len(keep_rows), self.vocab_size, generator=self.gen)

@@ -14,7 +14,7 @@ def test_streaming_concurrency_abort_and_stats():
     ps = prompts([7, 12, 5, 9], seed=6)
 
     async def main():
-        engine = AsyncEngine(model, block_size=4, num_blocks=48, max_num_batched_tokens=16)
+        engine = AsyncEngine(model, block_size=4, num_blocks=48, max_num_batched_tokens=16, async_scheduling=True)
 
         async def collect(i, delay):
             await asyncio.sleep(delay)  # requests arrive while others are running

@@ -18,11 +18,13 @@ PREFIXES = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23], []]  # shared prefixe
 
 
 class BlockAccounting(RuleBasedStateMachine):
+    overlap = False  # async scheduling: steps read back one call later
+
     def __init__(self):
         super().__init__()
         model = tiny_model("llama")
         self.core = EngineCore(model, config=EngineConfig(block_size=4, num_blocks=12, max_num_batched_tokens=10,
-                                                          max_num_seqs=4))
+                                                          max_num_seqs=4, async_scheduling=self.overlap))
         self.core.runner = FakeRunner(model.config.vocab_size)
         self.vocab = model.config.vocab_size
         self.finished = set()
@@ -43,7 +45,7 @@ class BlockAccounting(RuleBasedStateMachine):
                 if out.finished:
                     self.finished.add(out.request_id)
 
-    @precondition(lambda self: self.core.has_unfinished())
+    @precondition(lambda self: bool(self.core.requests))
     @rule(data=st.data())
     def abort(self, data):
         request_id = data.draw(st.sampled_from(sorted(self.core.requests)))
@@ -61,6 +63,8 @@ class BlockAccounting(RuleBasedStateMachine):
         for seq in self.live():
             if seq.status is SequenceStatus.WAITING:
                 assert not seq.block_table and seq.num_computed_tokens == 0
+            elif seq.status is SequenceStatus.FINISHING:
+                assert not seq.block_table  # its last token is in flight; nothing more will run
             else:
                 assert len(seq.block_table) * blocks.block_size >= seq.num_computed_tokens
         for r in self.core.requests.values():
@@ -77,6 +81,12 @@ class BlockAccounting(RuleBasedStateMachine):
         assert self.core.stats().kv_blocks_used == 0
 
 
-BlockAccounting.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
-                                             suppress_health_check=[HealthCheck.too_slow])
+class OverlappedBlockAccounting(BlockAccounting):
+    overlap = True
+
+
+SETTINGS = settings(max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+BlockAccounting.TestCase.settings = SETTINGS
+OverlappedBlockAccounting.TestCase.settings = SETTINGS
 test_block_accounting = BlockAccounting.TestCase
+test_block_accounting_overlapped = OverlappedBlockAccounting.TestCase

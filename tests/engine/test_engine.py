@@ -11,12 +11,13 @@ from lmstack.engine import LLM, EngineConfig, EngineCore, SamplingParams
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "mixtral"])
-def test_mixed_batch_equals_each_prompt_alone(family):
+def test_mixed_batch_equals_each_prompt_alone(family, overlap):
     """Arrivals over time, prompts longer than the step budget (chunked), a pool too small for all."""
     model = tiny_model(family)
     core = EngineCore(model, config=EngineConfig(block_size=4, num_blocks=20, max_num_batched_tokens=16,
-                                                 max_num_seqs=4))
+                                                 max_num_seqs=4, async_scheduling=overlap))
     schedule_log = []
     schedule = core.scheduler.schedule
 
@@ -26,6 +27,9 @@ def test_mixed_batch_equals_each_prompt_alone(family):
         return out
 
     core.scheduler.schedule = logged
+    fed_steps = []
+    run = core.runner.run
+    core.runner.run = lambda scheduled, keep, fed=None: fed_steps.append(fed is not None) or run(scheduled, keep, fed)
     ps = prompts([3, 9, 26, 14, 5, 33], seed=1)
     max_tokens = [12, 6, 10, 16, 8, 5]
     arrivals = {0: [0, 1, 2], 3: [3, 4], 7: [5]}  # step -> prompts submitted before it
@@ -41,14 +45,16 @@ def test_mixed_batch_equals_each_prompt_alone(family):
     assert any(start > 0 and n > 1 and start < total for step in schedule_log for start, n, total in step)  # chunks
     assert any({n == 1 for _, n, _ in step} == {True, False} for step in schedule_log)  # decode + prefill mixed
     assert stats.kv_blocks_used == 0
+    assert any(fed_steps) == overlap  # async: decodes were fed tokens that were still on the device
     for i, p in enumerate(ps):
         assert results[i] == alone(model, p, max_tokens[i]).outputs[0].token_ids, f"request {i}"
 
 
-def test_prefix_cache_computes_only_uncached_tokens():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_prefix_cache_computes_only_uncached_tokens(overlap):
     model = tiny_model("qwen3")
     bs = 4
-    core = EngineCore(model, config=EngineConfig(block_size=bs, num_blocks=64))
+    core = EngineCore(model, config=EngineConfig(block_size=bs, num_blocks=64, async_scheduling=overlap))
     shared, tail_a, tail_b = prompts([3 * bs, 5, 7], seed=2)
     params = SamplingParams(max_tokens=6, **GREEDY)
     core.add_request(shared + tail_a, params)
@@ -68,9 +74,11 @@ def test_prefix_cache_computes_only_uncached_tokens():
     assert outs[0].outputs[0].token_ids == alone(model, b, 6).outputs[0].token_ids
 
 
-def test_prompt_logprobs_equal_full_forward():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_prompt_logprobs_equal_full_forward(overlap):
     model = tiny_model("llama")
-    llm = LLM(model, block_size=4, num_blocks=64, max_num_batched_tokens=8)  # the prompt is cut into chunks
+    llm = LLM(model, block_size=4, num_blocks=64, max_num_batched_tokens=8,  # the prompt is cut into chunks
+              async_scheduling=overlap)
     (prompt,) = prompts([30], seed=3)
     llm.generate([prompt], SamplingParams(max_tokens=2, **GREEDY))  # its blocks are now cached
     out = llm.generate([prompt], SamplingParams(max_tokens=4, prompt_logprobs=3, logprobs=2, **GREEDY))[0]
@@ -103,21 +111,27 @@ def test_sampling_options_match_infer_generate():
     assert outs[0].outputs[0].token_ids != outs[0].outputs[1].token_ids
     ref2 = alone(model, ps[2], 9, temperature=1.0, seed=3, ignore_eos=False)
     assert outs[2].outputs[0].token_ids == ref2.outputs[0].token_ids
+    overlapped = LLM(model, block_size=4, num_blocks=64, async_scheduling=True)  # no penalties: overlapped steps
+    outs = overlapped.generate(ps[1:], [SamplingParams(max_tokens=7, **GREEDY), SamplingParams(max_tokens=9,
+                                                                                               temperature=1.0, seed=3)])
+    assert overlapped.engine.async_scheduling and outs[1].outputs[0].token_ids == ref2.outputs[0].token_ids
 
 
-def test_stop_token_ids_and_finish_reasons():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_stop_token_ids_and_finish_reasons(overlap):
     model = tiny_model("gpt2")
     (prompt,) = prompts([8], seed=5)
     greedy = alone(model, prompt, 8).outputs[0].token_ids
     stop = greedy[3]
     first = greedy.index(stop)
-    llm = LLM(model, block_size=4, num_blocks=32)
+    llm = LLM(model, block_size=4, num_blocks=32, async_scheduling=overlap)
     a, b = llm.generate([prompt, prompt], [SamplingParams(max_tokens=8, stop_token_ids=[stop], **GREEDY),
                                            SamplingParams(max_tokens=8, **GREEDY)])
     assert a.outputs[0].token_ids == greedy[: first + 1]
     assert (a.outputs[0].finish_reason, a.outputs[0].stop_reason) == ("stop", stop)
     assert (b.outputs[0].token_ids, b.outputs[0].finish_reason) == (greedy, "length")
     assert llm.stats().requests_finished_total == {"stop": 1, "length": 1}
+    assert llm.stats().kv_blocks_used == 0 and not llm.engine.has_unfinished()
 
 
 def _text_setup():
@@ -128,12 +142,13 @@ def _text_setup():
     return tiny_model("llama", vocab_size=tokenizer.vocab_size), tokenizer
 
 
-def test_text_prompts_and_stop_strings_match_infer_generate():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_text_prompts_and_stop_strings_match_infer_generate(overlap):
     model, tokenizer = _text_setup()
     prompt = "the cat sat on"
     full = alone(model, prompt, 12, tokenizer=tokenizer).outputs[0]
     stop = full.text[len(full.text) // 2:][:3]  # a string that occurs in the greedy continuation
-    llm = LLM(model, tokenizer, block_size=4, num_blocks=64)
+    llm = LLM(model, tokenizer, block_size=4, num_blocks=64, async_scheduling=overlap)
     a, b = llm.generate([prompt, prompt], [SamplingParams(max_tokens=12, **GREEDY),
                                            SamplingParams(max_tokens=12, stop=[stop], **GREEDY)])
     assert (a.prompt, a.outputs[0].text, a.outputs[0].token_ids) == (prompt, full.text, full.token_ids)
