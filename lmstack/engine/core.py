@@ -84,10 +84,21 @@ class _Launched:
     """A step whose forward and sampling are queued on the device, not read back yet."""
 
     sample_seqs: list[Sequence]
-    prompt: list  # (sequence, logprobs_of(...) of its prompt chunk), on the device
-    tokens: torch.Tensor | None = None  # (len(sample_seqs),) sampled tokens, on the device
+    prompt: list  # (sequence, logprobs_of(...) of its prompt chunk), being copied to the host
+    tokens: torch.Tensor | None = None  # (len(sample_seqs),) sampled tokens, on the device (feeds the next step)
     positions: list[int] | None = None  # where each sampled token goes in its sequence's token_ids
-    logprobs: tuple | None = None  # logprobs_of(...) of the sampled tokens, on the device
+    host_tokens: torch.Tensor | None = None  # the same tokens, being copied to the host
+    logprobs: tuple | None = None  # logprobs_of(...) of the sampled tokens, being copied to the host
+    copied: torch.cuda.Event | None = None  # recorded after the copies: wait on it, not on the stream
+
+    def wait(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+
+
+def _to_host(tensors):
+    """Start copying device results to (pinned) host memory; read them after `_Launched.wait`."""
+    return tuple(t.to("cpu", non_blocking=True) if t is not None else None for t in tensors)
 
 
 class EngineCore:
@@ -266,7 +277,7 @@ class EngineCore:
         prompt = []
         for seq, rows, targets in prompt_rows:
             tokens = torch.tensor(targets, device=logits.device)
-            prompt.append((seq, logprobs_of(logits[rows], tokens, seq.request.params.prompt_logprobs)))
+            prompt.append((seq, _to_host(logprobs_of(logits[rows], tokens, seq.request.params.prompt_logprobs))))
         launched = _Launched(sample_seqs, prompt)
         if sample_seqs:
             logits = logits[len(keep) - len(sample_seqs):]
@@ -276,8 +287,9 @@ class EngineCore:
                 counts = self._token_counts(sample_seqs)
             launched.tokens = sample(process_logits(logits, tensors, counts), tensors)
             top_k = max((seq.params.logprobs for seq in sample_seqs if seq.params.logprobs is not None), default=None)
+            (launched.host_tokens,) = _to_host([launched.tokens])
             if top_k is not None:
-                launched.logprobs = logprobs_of(logits, launched.tokens, top_k)
+                launched.logprobs = _to_host(logprobs_of(logits, launched.tokens, top_k))
             launched.positions = [len(seq.token_ids) for seq in sample_seqs]
             for i, seq in enumerate(sample_seqs):
                 seq.pending_row, seq.pending_pos = i, len(seq.token_ids)  # for the next launch to feed it
@@ -285,6 +297,9 @@ class EngineCore:
                 if seq.num_output_tokens >= seq.request.max_tokens:
                     self.scheduler.remove(seq)  # it finishes by length whatever the token: nothing more to run
                     seq.status = SequenceStatus.FINISHING
+        if self.device.type == "cuda":  # the next step's kernels queue behind this event, not before it
+            launched.copied = torch.cuda.Event()
+            launched.copied.record()
         return launched
 
     def _fed_tokens(self, out: SchedulerOutput):
@@ -302,6 +317,7 @@ class EngineCore:
 
     def _finish(self, launched: _Launched) -> list[RequestOutput]:
         """Read a launched step back: prompt logprobs, new tokens, stop checks, outputs."""
+        launched.wait()
         touched: dict[str, Request] = {}
         for seq, (chosen, top_vals, top_ids) in launched.prompt:
             request = seq.request
@@ -372,7 +388,7 @@ class EngineCore:
         return counts
 
     def _append_tokens(self, launched: _Launched, touched: dict[str, Request]) -> None:
-        tokens = launched.tokens.tolist()  # the one host synchronisation of a step
+        tokens = launched.host_tokens.tolist()
         chosen = top = None
         if launched.logprobs is not None:
             lp, top_vals, top_ids = launched.logprobs
