@@ -18,7 +18,7 @@ from lmstack.engine.kv_cache import BlockManager, PagedKVCache
 from lmstack.engine.outputs import EngineStats, RequestOutput
 from lmstack.engine.runner import ModelRunner, profile_peak_memory
 from lmstack.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from lmstack.engine.sequence import Request, Sequence, SequenceStatus
+from lmstack.engine.sequence import PLACEHOLDER, Request, Sequence, SequenceStatus
 from lmstack.errors import ConfigError, RequestError
 from lmstack.infer.generate import as_token_lists, eos_ids_for
 from lmstack.infer.outputs import CompletionOutput
@@ -74,9 +74,6 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs).validate()
-
-
-PLACEHOLDER = -1  # a sampled token still on the device (overlapped scheduling); never fed to the model
 
 
 @dataclass

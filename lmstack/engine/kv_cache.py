@@ -182,3 +182,11 @@ class BlockManager:
             assert (block.ref_count == 0) == (block.block_id in self.free), f"block {block.block_id} free/used mismatch"
         for h, block_id in self.cached.items():
             assert self.blocks[block_id].hash == h, f"cached hash of block {block_id} is stale"
+        bs = self.block_size
+        for seq in live_sequences:  # published blocks hold exactly the tokens their hashes say
+            previous = None
+            for i in range(seq.num_registered_blocks):
+                previous = block_hash(previous, seq.token_ids[i * bs:(i + 1) * bs])
+                assert seq.block_hashes[i] == previous, f"sequence {seq.seq_id}: stale hash of its block {i}"
+                block = self.blocks[seq.block_table[i]] if i < len(seq.block_table) else None
+                assert block is None or block.hash in (None, previous), f"block {block.block_id} has a wrong hash"

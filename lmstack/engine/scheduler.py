@@ -180,4 +180,6 @@ class Scheduler:
         for s in out.scheduled:
             s.seq.num_computed_tokens = s.end
             if s.end // block_size > s.seq.num_registered_blocks:  # a block was completed
-                self.blocks.register(s.seq, s.end)
+                # With async scheduling the last input may be a token not read back yet: a block
+                # is published (hashed) only once all of its tokens are known.
+                self.blocks.register(s.seq, min(s.end, s.seq.num_known_tokens))

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+PLACEHOLDER = -1  # a sampled token still on the device (async scheduling); never fed to the model
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -62,6 +64,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens before the trailing placeholders (at most two: read back one step late)."""
+        n = len(self.token_ids)
+        while n and self.token_ids[n - 1] == PLACEHOLDER:
+            n -= 1
+        return n
 
     @property
     def output_token_ids(self) -> list[int]:
