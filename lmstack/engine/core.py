@@ -16,7 +16,7 @@ import torch
 
 from lmstack.engine.kv_cache import BlockManager, PagedKVCache
 from lmstack.engine.outputs import EngineStats, RequestOutput
-from lmstack.engine.runner import ModelRunner, profile_peak_memory
+from lmstack.engine.runner import ModelRunner, profile_peak_memory, to_device
 from lmstack.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmstack.engine.sequence import PLACEHOLDER, Request, Sequence, SequenceStatus
 from lmstack.errors import ConfigError, RequestError
@@ -273,7 +273,7 @@ class EngineCore:
         self._counters.computed_tokens_total += out.num_tokens
         prompt = []
         for seq, rows, targets in prompt_rows:
-            tokens = torch.tensor(targets, device=logits.device)
+            tokens = to_device(targets, torch.long, logits.device)
             prompt.append((seq, _to_host(logprobs_of(logits[rows], tokens, seq.request.params.prompt_logprobs))))
         launched = _Launched(sample_seqs, prompt)
         if sample_seqs:
@@ -366,7 +366,7 @@ class EngineCore:
             return cached[1]
         if cached is not None and set(key) <= set(cached[0]):  # some finished: keep the others' rows
             row = {seq_id: i for i, seq_id in enumerate(cached[0])}
-            tensors = cached[1].select([row[seq_id] for seq_id in key])
+            tensors = _select_rows(cached[1], [row[seq_id] for seq_id in key])
         else:
             tensors = SamplingTensors.from_params([seq.params for seq in seqs], self.vocab_size, self.device,
                                                   self.eos_token_ids, generators=[seq.generator for seq in seqs])
@@ -457,6 +457,17 @@ class EngineCore:
         s.prefix_cache_queries_total = self.scheduler.prefix_cache_queries
         s.prefix_cache_hits_total = self.scheduler.prefix_cache_hits
         return s
+
+
+def _select_rows(tensors: SamplingTensors, rows: list[int]) -> SamplingTensors:
+    """`SamplingTensors.select` without its host round trip of the index (it would stall async steps)."""
+    idx = to_device(rows, torch.long, tensors.temperature.device)
+    values = {f.name: getattr(tensors, f.name) for f in fields(tensors)}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            values[name] = value.index_select(0, idx)
+    values["generators"] = [tensors.generators[i] for i in rows]
+    return SamplingTensors(**values)
 
 
 def _delta(seq: Sequence) -> CompletionOutput:

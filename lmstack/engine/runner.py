@@ -26,6 +26,15 @@ from lmstack.model.transformer import Transformer
 BACKENDS = ("auto", "reference", "triton")
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values to a device tensor without synchronising: pinned memory and a non-blocking copy
+    (a plain copy would wait for every kernel queued before it, stalling async scheduling)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def graph_batch_sizes(max_batch: int) -> list[int]:
     """nano-vllm's buckets: 1, 2, 4, 8, then every 16 up to max_batch."""
     sizes = [b for b in (1, 2, 4, 8) if b <= max_batch] + list(range(16, max_batch + 1, 16))
@@ -56,7 +65,6 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.group = model.config.num_heads // model.config.num_kv_heads
-        self.pin = self.device.type == "cuda"
         # Graphs need a forward without host synchronisation: MoE routing is data-dependent.
         self.use_graphs = (cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
                            and model.config.mlp != "moe")
@@ -67,10 +75,7 @@ class ModelRunner:
 
     # ---- inputs -------------------------------------------------------------------------------
     def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.as_tensor(values, dtype=dtype)
-        if self.pin:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+        return to_device(values, dtype, self.device)
 
     @staticmethod
     def _fill(buffer: torch.Tensor, values) -> None:
