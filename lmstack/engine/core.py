@@ -117,7 +117,8 @@ class EngineCore:
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.eos_token_ids = eos_ids_for(model, tokenizer, GenerationConfig())
         self.requests: dict[str, Request] = {}
-        self._ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self._sampling_cache: tuple[tuple[int, ...], SamplingTensors] | None = None
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
@@ -177,9 +178,9 @@ class EngineCore:
         if len(ids_list) != 1:
             raise ConfigError(f"one prompt per request, got {len(ids_list)}")
         ids, text = ids_list[0], texts[0]
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         max_tokens = self._check_fits(ids, params)
-        request = Request(request_id, text, ids, params, arrival_order=next(self._ids), priority=int(priority),
+        request = Request(request_id, text, ids, params, arrival_order=next(self._arrivals), priority=int(priority),
                           max_tokens=max_tokens, stream=stream)
         # Penalties and min_tokens read every generated token on the host before sampling.
         request.needs_sync = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
