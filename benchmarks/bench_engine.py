@@ -13,7 +13,7 @@ in batches of --hf-batch-size; each batch runs to its longest request, and only 
 the requests asked for count as output (padding work is reported separately, as "raw").
 On CPU: a scaled-down workload on a small model against sequential `infer.generate` per prompt.
 
-    python benchmarks/bench_engine.py --device cuda                  # the H100 run (~3-5 min)
+    python benchmarks/bench_engine.py --device cuda                  # the H100 run (~2-4 min)
     python benchmarks/bench_engine.py --device cpu                   # scaled down, small model
 """
 
@@ -122,11 +122,24 @@ def run_transformers(model, prompts, params, args):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).to(args.device).eval()
+    subset = list(zip(prompts, params))[: args.hf_requests]
+    batch_size = args.hf_batch_size
+    while True:
+        try:
+            return (*_hf_batches(hf, subset, batch_size, args), batch_size)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2  # transformers' cache did not fit: retry with smaller batches
+            torch.cuda.empty_cache()
+            print(f"transformers ran out of memory; retrying with batches of {batch_size}")
+
+
+def _hf_batches(hf, subset, batch_size, args):
     useful = raw = 0
     elapsed = 0.0
-    subset = list(zip(prompts, params))[: args.hf_requests]
-    for i in range(0, len(subset), args.hf_batch_size):
-        batch = subset[i:i + args.hf_batch_size]
+    for i in range(0, len(subset), batch_size):
+        batch = subset[i:i + batch_size]
         width = max(len(p) for p, _ in batch)
         ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch], device=args.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=args.device)
@@ -140,7 +153,6 @@ def run_transformers(model, prompts, params, args):
         elapsed += time.perf_counter() - start
         useful += sum(sp.max_tokens for _, sp in batch)
         raw += len(batch) * new
-    del hf
     return useful, raw, elapsed
 
 
@@ -203,9 +215,9 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--num-blocks", type=int, default=4096, help="CPU only: KV blocks in the pool")
     ap.add_argument("--hf-requests", type=int, default=None,
-                    help="requests given to transformers (cuda default 64; 0 skips it; cpu compares with "
+                    help="requests given to transformers (cuda default 128; 0 skips it; cpu compares with "
                          "sequential infer.generate instead)")
-    ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--hf-batch-size", type=int, default=128, help="halved automatically on out-of-memory")
     ap.add_argument("--sequential-requests", type=int, default=None,
                     help="CPU: requests run one at a time through infer.generate (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -218,7 +230,7 @@ def main() -> None:
     num = args.num_requests or (256 if cuda else 32)
     lo, hi = args.min_len or (100 if cuda else 16), args.max_len or (1024 if cuda else 128)
     if args.hf_requests is None:
-        args.hf_requests = 64 if cuda else 0
+        args.hf_requests = 128 if cuda else 0
     dtype = torch.bfloat16 if cuda else torch.float32
     config = get_preset(args.preset) if args.preset else (get_preset("qwen3-0.6b") if cuda else cpu_config())
     model, _ = lmstack.load(args.preset or "qwen3-0.6b", random_init=True, dtype=dtype, device=args.device, seed=0,
@@ -240,11 +252,13 @@ def main() -> None:
     if "gpu_s" in info:
         notes.append(f"engine wall {elapsed:.2f} s = GPU busy {info['gpu_s']:.2f} s + host-only "
                      f"{elapsed - info['gpu_s']:.2f} s ({1000 * elapsed / info['steps']:.1f} ms/step)")
+    print(f"engine: {generated:,} output tokens in {elapsed:.1f} s = {engine_rate:,.0f} tok/s; " + "; ".join(notes[1:]),
+          flush=True)
     if args.hf_requests:
-        useful, raw, hf_elapsed = run_transformers(model, prompts, params, args)
+        useful, raw, hf_elapsed, hf_batch = run_transformers(model, prompts, params, args)
         hf_rate = useful / hf_elapsed
         rows.append([f"transformers generate() (first {min(args.hf_requests, num)} requests, batch "
-                     f"{args.hf_batch_size})", f"{min(args.hf_requests, num)}", f"{useful:,}", f"{hf_elapsed:.1f}",
+                     f"{hf_batch})", f"{min(args.hf_requests, num)}", f"{useful:,}", f"{hf_elapsed:.1f}",
                      f"{hf_rate:,.0f}", "", f"{engine_rate / hf_rate:.1f}x faster"])
         notes.append(f"transformers: {raw:,} tokens generated incl. padding to each batch's longest request "
                      f"({raw / hf_elapsed:,.0f} raw tok/s); only the {useful:,} requested tokens count")
