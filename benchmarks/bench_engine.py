@@ -48,9 +48,9 @@ def cpu_config():
                                             num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=1024)
 
 
-def run_engine(model, prompts, params, args):
+def run_engine(model, prompts, params, args, async_scheduling=None):
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_model_len=args.max_model_len, block_size=args.block_size)
+                   max_model_len=args.max_model_len, block_size=args.block_size, async_scheduling=async_scheduling)
     if args.device == "cuda":
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
@@ -72,7 +72,7 @@ def run_engine(model, prompts, params, args):
     info = dict(setup_s=setup, steps=stats.num_steps_total - before.num_steps_total,
                 preemptions=stats.num_preemptions_total - before.num_preemptions_total,
                 blocks=stats.kv_blocks_total, backend=llm.engine.runner.backend,
-                graphs=len(llm.engine.runner.graphs))
+                graphs=len(llm.engine.runner.graphs), overlap=llm.engine.async_scheduling)
     if spans is not None:  # GPU time from each step's first copy to its last sampling kernel
         info["gpu_s"] = sum(a.elapsed_time(b) for a, b in spans) / 1000
     if spans is not None:
@@ -220,6 +220,8 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, default=128, help="halved automatically on out-of-memory")
     ap.add_argument("--sequential-requests", type=int, default=None,
                     help="CPU: requests run one at a time through infer.generate (default: all)")
+    ap.add_argument("--sync-too", action="store_true",
+                    help="also run the engine without async scheduling (one step at a time), as a row")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--progress", action="store_true", help="show the engine's progress bar")
     ap.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
@@ -245,13 +247,22 @@ def main() -> None:
              f"{engine_rate:,.0f}", f"{(generated + prompt_tokens) / elapsed:,.0f}", "1.00x"]]
     notes = [f"{name}, {str(dtype).removeprefix('torch.')}, random weights; {num} requests, prompt/output lengths "
              f"uniform [{lo}, {hi}] (seed 0, random ids), temperature {args.temperature}, ignore_eos",
-             f"engine: backend={info['backend']}, CUDA graphs={info['graphs']}, block_size={args.block_size}, "
+             f"engine: backend={info['backend']}, CUDA graphs={info['graphs']}, async scheduling={info['overlap']}, "
+             f"block_size={args.block_size}, "
              f"KV blocks={info['blocks']:,}, max_num_seqs={args.max_num_seqs}, max_num_batched_tokens="
              f"{args.max_num_batched_tokens}, {info['steps']} steps, {info['preemptions']} preemptions, "
              f"setup {info['setup_s']:.1f} s (pool sizing + graph capture, not timed)"]
     if "gpu_s" in info:
         notes.append(f"engine wall {elapsed:.2f} s = GPU busy {info['gpu_s']:.2f} s + host-only "
                      f"{elapsed - info['gpu_s']:.2f} s ({1000 * elapsed / info['steps']:.1f} ms/step)")
+    if args.sync_too:
+        sync_generated, sync_elapsed, sync_info = run_engine(model, prompts, params, args, async_scheduling=False)
+        rows.append(["lmstack LLM, async scheduling off", f"{num}", f"{sync_generated:,}", f"{sync_elapsed:.1f}",
+                     f"{sync_generated / sync_elapsed:,.0f}", f"{(sync_generated + prompt_tokens) / sync_elapsed:,.0f}",
+                     f"{engine_rate / (sync_generated / sync_elapsed):.2f}x faster"])
+        if "gpu_s" in sync_info:
+            notes.append(f"async scheduling off: GPU busy {sync_info['gpu_s']:.2f} s + host-only "
+                         f"{sync_elapsed - sync_info['gpu_s']:.2f} s")
     print(f"engine: {generated:,} output tokens in {elapsed:.1f} s = {engine_rate:,.0f} tok/s; " + "; ".join(notes[1:]),
           flush=True)
     if args.hf_requests:
