@@ -23,3 +23,7 @@ class TokenizerError(LmstackError):
 
 class DataError(LmstackError):
     """A corpus, shard or record is missing, malformed or empty."""
+
+
+class RequestError(LmstackError, ValueError):
+    """A generation request that can never be served (too long for the context or the KV pool)."""
