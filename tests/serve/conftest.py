@@ -16,7 +16,6 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(tiny_dir):
-    pytest.importorskip("lmstack.engine", reason="the batched engine (issue 6) is not on this branch yet")
     from serve_helpers import tiny_engine
 
     engine = tiny_engine(tiny_dir)

@@ -15,7 +15,6 @@ def test_openai_client_on_a_cuda_engine(tiny_dir, hf_reference):
 
     import openai
 
-    pytest.importorskip("lmstack.engine")
     model, tok = hf_reference
     engine = tiny_engine(tiny_dir, device="cuda", dtype="float32", num_blocks=None, gpu_memory_utilization=0.2)
     try:

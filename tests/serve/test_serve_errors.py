@@ -194,7 +194,6 @@ def test_metrics_are_prometheus_and_mirror_the_engine(server, http, engine):
 def test_request_too_big_for_the_kv_pool_is_400_before_streaming(tiny_dir):
     import asyncio
 
-    pytest.importorskip("lmstack.engine", reason="the batched engine (issue 6) is not on this branch yet")
     from serve_helpers import tiny_engine
 
     small = tiny_engine(tiny_dir, num_blocks=4)  # 64 tokens of KV: a chat filling the 256-token context cannot fit

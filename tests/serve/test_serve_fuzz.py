@@ -16,7 +16,6 @@ schemathesis = pytest.importorskip("schemathesis")
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_dir):
-    pytest.importorskip("lmstack.engine", reason="the batched engine (issue 6) is not on this branch yet")
     import asyncio
 
     engine = tiny_engine(tiny_dir, max_model_len=64, num_blocks=256)
