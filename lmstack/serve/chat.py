@@ -185,7 +185,7 @@ async def _stream(state: Any, req: ChatCompletionRequest, run: PromptRun, create
                         ("refusal", c.delta.refusal)) if v is not None},
                         "logprobs": c.logprobs.model_dump() if c.logprobs is not None else None,
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        return (f'{head}"choices":{json.dumps(out, ensure_ascii=False)},"system_fingerprint":null,'
+        return (f'{head}"choices":{json.dumps(out)},"system_fingerprint":null,'
                 f'"usage":{json.dumps(usage.model_dump() if usage is not None else None)}}}\n\n')
 
     try:

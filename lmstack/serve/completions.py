@@ -197,13 +197,15 @@ async def _stream(state: Any, req: CompletionRequest, plan: list[_Prompt], reque
 
     # One chunk per token and stream: built from a fixed prefix with json.dumps, the shape of
     # CompletionResponse (tests parse it with the openai client), without a pydantic object each time.
+    # JSON stays ASCII (\uXXXX escapes): clients that split lines like str.splitlines() (httpx's
+    # iter_lines) would otherwise break an event at U+2028 or U+0085 inside generated text.
     head = f'data: {{"id":"{request_id}","object":"text_completion","created":{created},"model":{json.dumps(model)},'
 
     def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs.model_dump() if logprobs is not None else None,
                   "finish_reason": finish, "stop_reason": stop}
         usage = _usage(plan).model_dump() if continuous else None
-        return (f'{head}"choices":[{json.dumps(choice, ensure_ascii=False)}],"system_fingerprint":null,'
+        return (f'{head}"choices":[{json.dumps(choice)}],"system_fingerprint":null,'
                 f'"usage":{json.dumps(usage)}}}\n\n')
 
     try:

@@ -202,3 +202,20 @@ def test_api_key_is_required(server):
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
     assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
+
+
+def test_sse_events_survive_unicode_line_separators(server, client):
+    """Text may hold U+2028/U+0085, which str.splitlines() (httpx's iter_lines) splits a line at."""
+    import json
+
+    import httpx
+
+    prompt = "Hi\u2028there\x85now\u2029"  # echoed back in the first event
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "stream": True, "echo": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    events = [json.loads(line[6:]) for line in lines]
+    assert events[0]["choices"][0]["text"] == prompt
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**body) if c.choices)
+    assert streamed.startswith(prompt)
