@@ -138,24 +138,22 @@ def main() -> None:
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(16, 4 x concurrency)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (engine, server) per level")
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.4,
-                    help="per engine: the direct engine and the server's are alive at the same time")
+    ap.add_argument("--num-blocks", type=int, default=None,
+                    help="KV blocks of each engine (default: max_num_seqs full contexts, the same pool for both; "
+                         "both engines are alive at once, so it is not sized from free memory)")
     ap.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = ap.parse_args()
     import httpx
+
     from lmstack.engine import AsyncEngine
 
     levels = [int(c) for c in args.concurrency.split(",")]
     rng = random.Random(0)
-    options = dict(max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
-                   gpu_memory_utilization=args.gpu_memory_utilization,
-                   max_model_len=args.prompt_len + args.max_tokens + 16)
+    max_model_len = args.prompt_len + args.max_tokens + 16
+    num_blocks = args.num_blocks or -(-args.max_num_seqs * max_model_len // 16)
+    options = dict(max_num_seqs=args.max_num_seqs, num_blocks=num_blocks, block_size=16, max_model_len=max_model_len)
     engine_args = ["--device", args.device, "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
-                   "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                   "--max-model-len", str(options["max_model_len"])]
-    if args.num_blocks:
-        engine_args += ["--num-blocks", str(args.num_blocks)]
+                   "--max-model-len", str(max_model_len), "--num-blocks", str(num_blocks), "--block-size", "16"]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = build_model_dir(Path(tmp), args.preset, args.vocab, args.dtype)
         vocab = lmstack.get_preset(args.preset).vocab_size if not args.vocab else args.vocab
@@ -214,7 +212,7 @@ def main() -> None:
              f"{args.prompt_len} random token ids, {args.max_tokens} greedy tokens with ignore_eos, streamed; "
              f"{args.rounds} interleaved rounds (req/s: median of rounds, TTFT: all rounds pooled); engine: "
              "AsyncEngine in the benchmark process; server: `lmstack serve` subprocess on 127.0.0.1, httpx client, "
-             "SSE /v1/completions")
+             f"SSE /v1/completions; both engines: max_num_seqs {args.max_num_seqs}, {num_blocks} KV blocks of 16")
     if args.device == "cpu":
         notes += "; shared 2-core machine, absolute figures are noisy, the ratio is the result"
     print(table)
