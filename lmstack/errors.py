@@ -23,3 +23,7 @@ class TokenizerError(LmstackError):
 
 class DataError(LmstackError):
     """A corpus, shard or record is missing, malformed or empty."""
+
+
+class TrainingError(LmstackError):
+    """A training run cannot go on (e.g. the loss stayed non-finite); the message names the last good checkpoint."""
