@@ -33,3 +33,11 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# The run test_resume.py kills and resumes: checkpoints every 3 steps, dropout on so the RNG matters.
+RESUME_RUN = dict(max_steps=12, save_every=3, eval_every=4, dropout=0.1, resume=True, keep_last=2)
+# The run test_distributed.py compares across 1 and 2 processes (global batch 4; constant lr after
+# warmup so a run stopped at step 10 and resumed to 20 follows the same schedule as one of 20).
+DIST_RUN = dict(max_steps=20, batch_size=4, schedule="constant", warmup_steps=3, eval_every=10, save_every=10,
+                lr=3e-3)
