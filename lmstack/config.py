@@ -120,6 +120,21 @@ class ModelConfig:
             total += v * h
         return total
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): PaLM's 6N plus the attention term.
+
+        N counts the weights a token actually multiplies: no embedding lookup, the output
+        head (padded vocabulary) always, and only the top-k experts of an MoE layer.
+        """
+        n = self.num_parameters(exclude_embeddings=True)
+        if not self.tie_embeddings:
+            n -= self.vocab_size * self.hidden_size
+        n += self.padded_vocab_size * self.hidden_size
+        if self.mlp == "moe":
+            n -= self.num_layers * (self.num_experts - self.num_experts_per_tok) * 3 * self.hidden_size * (
+                self.intermediate_size)
+        return 6 * n + 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+
     # ---- checks -----------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first field that is out of range or inconsistent."""

@@ -193,16 +193,8 @@ class Transformer(nn.Module):
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), PaLM's 6N + attention estimate."""
-        c = self.config
-        n = self.num_parameters(exclude_embeddings=True)
-        if c.mlp == "moe":  # only top-k experts run per token
-            expert = 3 * c.hidden_size * c.intermediate_size
-            n -= c.num_layers * (c.num_experts - c.num_experts_per_tok) * expert
-        if not c.tie_embeddings:
-            n -= c.padded_vocab_size * c.hidden_size
-        n += c.padded_vocab_size * c.hidden_size  # the lm_head matmul runs either way
-        return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+        """Training FLOPs per token (forward + backward); see ModelConfig.flops_per_token."""
+        return self.config.flops_per_token(seq_len)
 
     @property
     def device(self) -> torch.device:

@@ -1,19 +1,30 @@
 """Tokenizer: a thin layer over Hugging Face `tokenizers` that reads and writes HF's files.
 
 `tokenizer.json` holds the model (BPE, WordPiece, ...); `tokenizer_config.json` names the
-special tokens and the chat template. We load both exactly as transformers lays them out so
-a directory works in either library.
+special tokens and the chat template. We load both exactly as transformers lays them out
+(also `chat_template.jinja` and `special_tokens_map.json`) so a directory works in either
+library. Training lives in `train.py`, templates in `chat.py`, streaming in `stream.py`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from lmstack.errors import TokenizerError
+from lmstack.tokenizer.chat import ChatTemplate, select_template
+
+SPECIAL_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+_RUNTIME_KEYS = ("backend", "is_local", "local_files_only", "name_or_path", "_commit_hash")
+# transformers' clean_up_tokenization: drop the space WordPiece-style decoders put before punctuation.
+_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 def _token_content(value: Any) -> str | None:
@@ -23,10 +34,61 @@ def _token_content(value: Any) -> str | None:
     return value
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"{path} is not valid JSON ({err}); re-save the tokenizer") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _read_chat_templates(directory: Path) -> str | list[dict[str, str]] | None:
+    """transformers >= 4.43 may keep templates in chat_template.jinja and additional_chat_templates/."""
+    templates: dict[str, str] = {}
+    default = directory / "chat_template.jinja"
+    if default.is_file():
+        templates["default"] = default.read_text(encoding="utf-8")
+    extra = directory / "additional_chat_templates"
+    if extra.is_dir():
+        for path in sorted(extra.glob("*.jinja")):
+            templates[path.stem] = path.read_text(encoding="utf-8")
+    legacy = directory / "chat_template.json"
+    if not templates and legacy.is_file():
+        template = _read_json(legacy).get("chat_template")
+        if template:
+            return template
+    if not templates:
+        return None
+    if list(templates) == ["default"]:
+        return templates["default"]
+    return [{"name": name, "template": text} for name, text in templates.items()]
+
+
 class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the HF config around it (special tokens, chat template)."""
+
     def __init__(self, backend: _HFTokenizer, config: dict[str, Any] | None = None):
         self.backend = backend
         self.config = dict(config or {})
+        self._templates: dict[str, ChatTemplate] = {}
+
+    # ---- training ----------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts_or_files: Iterable[str] | Iterable[os.PathLike] | os.PathLike, vocab_size: int,
+              special_tokens: Iterable[str] | None = None, min_frequency: int = 2, **options: Any) -> Tokenizer:
+        """Train a byte-level BPE tokenizer; see `lmstack.tokenizer.train.train_bpe` for every option.
+
+        `vocab_size` counts the learned vocabulary (256 bytes + merges); special tokens come on
+        top, so 256 gives a pure byte-level tokenizer. Paths (`pathlib.Path`) are read as files,
+        strings are texts.
+        """
+        from lmstack.tokenizer.train import DEFAULT_SPECIAL_TOKENS, train_bpe
+
+        specials = DEFAULT_SPECIAL_TOKENS if special_tokens is None else tuple(special_tokens)
+        return train_bpe(texts_or_files, vocab_size, special_tokens=specials, min_frequency=min_frequency,
+                         **options)
 
     # ---- files -------------------------------------------------------------------------
     @classmethod
@@ -34,26 +96,44 @@ class Tokenizer:
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
-            raise TokenizerError(f"{directory} has no tokenizer.json")
+            raise TokenizerError(f"{directory} has no tokenizer.json; pass a Hugging Face tokenizer/model "
+                                 "directory or train one with `lmstack tokenizer train`")
         try:
             backend = _HFTokenizer.from_file(str(path))
         except Exception as err:
             raise TokenizerError(f"{path} is not a valid tokenizer.json ({err})") from None
         config: dict[str, Any] = {}
+        special_map = directory / "special_tokens_map.json"
+        if special_map.is_file():  # older transformers kept the special tokens here
+            config.update({k: v for k, v in _read_json(special_map).items() if k.endswith("_token")})
         config_path = directory / "tokenizer_config.json"
         if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as err:
-                raise TokenizerError(f"{config_path} is not valid JSON ({err})") from None
+            config.update(_read_json(config_path))
+        if "chat_template" not in config:
+            template = _read_chat_templates(directory)
+            if template is not None:
+                config["chat_template"] = template
         return cls(backend, config)
 
     def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (the chat template inside it)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if isinstance(config.get("chat_template"), dict):
+            config["chat_template"] = [{"name": k, "template": v} for k, v in config["chat_template"].items()]
+        for key in _RUNTIME_KEYS:  # what transformers 5 leaves in a loaded config
+            config.pop(key, None)
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical tokenizer.json: equal fingerprints give equal token ids."""
+        return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
 
     # ---- special tokens ----------------------------------------------------------------
     def special_token(self, role: str) -> str | None:
@@ -62,6 +142,16 @@ class Tokenizer:
     def special_id(self, role: str) -> int | None:
         token = self.special_token(role)
         return self.backend.token_to_id(token) if token is not None else None
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """{'bos_token': ..., 'eos_token': ...}: the named special tokens, as templates see them."""
+        out = {}
+        for role in SPECIAL_ROLES:
+            token = self.special_token(role)
+            if token is not None:
+                out[f"{role}_token"] = token
+        return out
 
     @property
     def bos_token_id(self) -> int | None:
@@ -76,12 +166,23 @@ class Tokenizer:
         return self.special_id("pad")
 
     @property
+    def all_special_ids(self) -> list[int]:
+        return sorted(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+    @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
-    def chat_template(self) -> str | None:
-        return self.config.get("chat_template")
+    def model_max_length(self) -> int | None:
+        value = self.config.get("model_max_length")
+        return int(value) if isinstance(value, (int, float)) and value < 1e12 else None
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
 
     # ---- encode / decode ---------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -91,4 +192,63 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; a partial UTF-8 sequence decodes to U+FFFD, never an error."""
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self._clean_up_spaces:
+            for old, new in _CLEANUP:
+                text = text.replace(old, new)
+        return text
+
+    @property
+    def _clean_up_spaces(self) -> bool:
+        # As transformers: only for non-BPE models (WordPiece), where it cannot corrupt text.
+        if not self.config.get("clean_up_tokenization_spaces"):
+            return False
+        return type(self.backend.model).__name__ != "BPE" or bool(
+            self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
+
+    @property
+    def decode_rewrites_spaces(self) -> bool:
+        """True when decoding may rewrite text already decoded (WordPiece cleanup, " ." -> ".")."""
+        return self._clean_up_spaces or type(self.backend.model).__name__ != "BPE"
+
+    # ---- chat --------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        if template is None or isinstance(template, str):
+            return template
+        return select_template(template)[0]
+
+    def _compiled_template(self, tools: Any, chat_template: str | None) -> ChatTemplate:
+        templates = self.config.get("chat_template")
+        if chat_template is not None:
+            named = templates if isinstance(templates, dict) else (
+                {t["name"]: t["template"] for t in templates} if isinstance(templates, list) else {})
+            source, name = (named[chat_template], f"chat template {chat_template!r}") if chat_template in named \
+                else (chat_template, "chat template")
+        else:
+            source, name = select_template(templates, tools)
+        if source not in self._templates:
+            self._templates[source] = ChatTemplate(source, name)
+        return self._templates[source]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None, tokenize: bool = False,
+                            chat_template: str | None = None, **extra: Any) -> str | list[int]:
+        """Render `messages` with the model's template (ChatML when it has none), like transformers.
+
+        The template sees `messages`, `tools`, `documents`, `add_generation_prompt`, every named
+        special token (`bos_token`, `eos_token`, ...) and `extra` (which wins over the tokens).
+        `tokenize=True` returns ids, encoded without adding special tokens (the template writes them).
+        """
+        template = self._compiled_template(tools, chat_template)
+        variables = {**self.special_tokens_map, **extra}
+        documents = variables.pop("documents", None)
+        text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                               documents=documents, **variables)
+        return self.encode(text) if tokenize else text
+
+    def __repr__(self) -> str:
+        model = type(self.backend.model).__name__
+        return f"Tokenizer({model}, vocab_size={self.vocab_size}, eos={self.special_token('eos')!r})"

@@ -1,0 +1,179 @@
+"""Chat templates: render a model's Jinja `chat_template` exactly as transformers does.
+
+Templates come from downloaded model directories, so they are untrusted code: they run in
+jinja2's `ImmutableSandboxedEnvironment`, configured like transformers' (trim_blocks,
+lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a JSON `tojson`), and any
+reach for a Python internal (`__class__`, `__globals__`, ...) stops rendering with a
+`TokenizerError` instead of quietly printing nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from lmstack.errors import TokenizerError
+
+# The ChatML template (OpenAI's and Qwen's turn markers), used when a tokenizer has no template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# Older names for a message's reasoning; transformers copies the first one found to these two.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class _TemplateRaised(Exception):
+    """`raise_exception(...)` called by the template itself (e.g. "roles must alternate")."""
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, but touching an unsafe attribute fails at once instead of rendering ''."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names, as transformers' does."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - same trick as jinja's Namespace
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"chat templates cannot store underscore attribute {name!r} on a namespace")
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # jinja's own tojson escapes HTML characters; transformers' (and ours) does not.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def plain_data(value: Any) -> Any:
+    """Rebuild template inputs from plain JSON types so the sandbox never sees rich objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {plain_data(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_data(v) for v in value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        return plain_data(value.item())  # numpy scalar
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return f"<{type(value).__name__}>"
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Messages as transformers passes them: keys with None values dropped, reasoning aliased."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TokenizerError("chat messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TokenizerError(f"chat message {i} is {type(message).__name__}, expected a dict with 'role' and 'content'")
+        message = {k: plain_data(v) for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+class ChatTemplate:
+    """One compiled chat template; `render` gives the prompt text."""
+
+    def __init__(self, source: str, name: str = "chat_template"):
+        self.source = source
+        self.name = name
+        env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        env.globals["dict"] = dict
+        env.globals["namespace"] = _TemplateNamespace
+        try:
+            self.template = env.from_string(source)
+        except TemplateSyntaxError as err:
+            raise TokenizerError(f"{name} is not valid Jinja (line {err.lineno}: {err.message})") from None
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None, documents: list[dict] | None = None, **variables: Any) -> str:
+        """Render with transformers' variables: messages, tools, documents, add_generation_prompt, tokens, extras."""
+        if tools is not None:
+            for tool in tools:
+                if not isinstance(tool, Mapping):
+                    raise TokenizerError(f"tools must be JSON-schema dicts, got {type(tool).__name__}")
+        try:
+            return self.template.render(
+                messages=normalize_messages(messages), tools=plain_data(tools), documents=plain_data(documents),
+                add_generation_prompt=add_generation_prompt, **plain_data(variables),
+            )
+        except _TemplateRaised as err:
+            raise TokenizerError(f"{self.name} refused these messages: {err}") from None
+        except SecurityError as err:
+            raise TokenizerError(
+                f"{self.name} tried to reach Python internals ({err}); chat templates run in a sandbox "
+                "and may only read messages, tools and the documented variables"
+            ) from None
+        except TemplateError as err:
+            raise TokenizerError(f"{self.name} failed to render: {type(err).__name__}: {err}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as err:
+            raise TokenizerError(f"{self.name} failed to render: {type(err).__name__}: {err}") from None
+
+
+def select_template(chat_template: str | dict[str, str] | list | None, tools: Any = None) -> tuple[str, str]:
+    """(template source, name) from a single template or HF's named set ('default', 'tool_use', ...)."""
+    if chat_template is None:
+        return CHATML_TEMPLATE, "default ChatML template"
+    if isinstance(chat_template, list):
+        chat_template = {t["name"]: t["template"] for t in chat_template}
+    if isinstance(chat_template, dict):
+        if tools is not None and "tool_use" in chat_template:
+            return chat_template["tool_use"], "chat template 'tool_use'"
+        if "default" in chat_template:
+            return chat_template["default"], "chat template 'default'"
+        raise TokenizerError(f"the tokenizer has several chat templates {sorted(chat_template)} and none is "
+                             "named 'default'; pass chat_template=<name>")
+    return chat_template, "chat template"
