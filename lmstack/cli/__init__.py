@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from lmstack.cli.convert import convert
+from lmstack.cli.train import finetune, pretrain
 from lmstack.errors import LmstackError
 
 
@@ -18,6 +19,8 @@ def commands() -> dict:
     """The command tree: a dict of functions, nested dicts for command groups."""
     return {
         "convert": convert,
+        "pretrain": pretrain,
+        "finetune": finetune,
     }
 
 

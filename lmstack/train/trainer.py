@@ -35,7 +35,6 @@ from lmstack.train.logging import RunLogger, peak_flops, plot_losses, read_metri
 from lmstack.train.model_setup import build_model, load_tokenizer, model_config_for, resolve_precision
 from lmstack.train.optim import build_optimizer, lr_at
 from lmstack.train.rng import get_rng_state, seed_everything, set_rng_state
-from lmstack.train.samples import sample_text
 
 
 class Trainer:
@@ -312,9 +311,19 @@ class Trainer:
     def sample_and_log(self) -> None:
         if self.tokenizer is None or not (self.dist.is_main or D.is_fsdp(self.raw_model)):
             return  # under FSDP every rank runs the forward (parameters are sharded); else rank 0 alone
-        with self.autocast():
-            text = sample_text(self.raw_model, self.tokenizer, self.config.sample_prompt, self.config.sample_tokens,
-                               seed=self.config.seed)
+        from lmstack.infer.decoder import Decoder
+        from lmstack.infer.generate import generate
+        from lmstack.infer.params import GenerationConfig
+
+        c = self.config
+        # eager decoding with its own seeded generator: the training RNG stream is left untouched
+        options = GenerationConfig(temperature=0.8, top_k=50, max_new_tokens=c.sample_tokens, seed=c.seed)
+        self.raw_model.eval()  # no dropout; float32 weights, so no autocast (the KV cache is float32 too)
+        try:
+            out = generate(self.raw_model, c.sample_prompt, options, self.tokenizer, decoder=Decoder(self.raw_model))
+        finally:
+            self.raw_model.train()
+        text = c.sample_prompt + (out[0].outputs[0].text or "")
         self.last_sample = text
         self.log.message(f"step {self.step} sample: {text!r}")
         self.log.log({"step": self.step, "sample": text})
