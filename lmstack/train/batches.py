@@ -61,20 +61,34 @@ class Batch:
                     positions=self.positions, document_ids=self.document_ids)
 
 
-def open_pretraining_data(data_dir: str | None, seq_len: int, rank: int, world_size: int, seed: int):
-    """(train, val or None) token datasets of a `lmstack data prepare` directory."""
+def open_pretraining_data(data_dir: str | None, seq_len: int, rank: int, world_size: int, seed: int,
+                          val_dir: str | None = None):
+    """(train, val or None) token datasets of `lmstack data prepare` directories.
+
+    Validation comes from `val_dir` when given (its val split, or its train split if it has
+    none: a held-out corpus prepared on its own), else from the data directory's val split.
+    """
     if data_dir is None:
         raise DataError("no training data: pass --data DIR (a directory made by `lmstack data prepare`)")
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise DataError(f"data directory {path} does not exist; create it with `lmstack data prepare --out {path}`")
-    from lmstack.data.shards import TokenDataset
+    for p in (data_dir, val_dir):
+        if p is not None and not Path(p).is_dir():
+            raise DataError(f"data directory {p} does not exist; create it with `lmstack data prepare --out {p}`")
+    from lmstack.data import TokenDataset
+    from lmstack.data.shards import read_index
 
-    train = TokenDataset(path, seq_len, split="train", rank=rank, world_size=world_size, seed=seed)
-    try:
-        val = TokenDataset(path, seq_len, split="val", rank=rank, world_size=world_size, seed=seed)
-    except DataError:
-        val = None  # a corpus prepared without a validation split
+    def split_of(path: str | None) -> str | None:
+        splits = read_index(path).get("splits", {})
+        return "val" if "val" in splits else ("train" if path == val_dir and "train" in splits else None)
+
+    train = TokenDataset(data_dir, seq_len, split="train", rank=rank, world_size=world_size, seed=seed)
+    source = val_dir if val_dir is not None else data_dir
+    split = split_of(source)
+    val = None  # a corpus prepared without a validation split has none
+    if split is not None:
+        val = TokenDataset(source, seq_len, split=split, rank=rank, world_size=world_size, seed=seed)
+        if val.vocab_size != train.vocab_size:
+            raise DataError(f"validation data {source} was tokenized with another vocabulary ({val.vocab_size} "
+                            f"tokens) than {data_dir} ({train.vocab_size}); prepare both with one tokenizer")
     return train, val
 
 
@@ -88,7 +102,7 @@ def open_sft_data(path: str | None, val_path: str | None, tokenizer, seq_len: in
             raise DataError(f"fine-tuning data {p} does not exist")
     if tokenizer is None:
         raise DataError("fine-tuning needs a tokenizer: the model directory has no tokenizer.json; pass --tokenizer DIR")
-    from lmstack.data.sft import SFTDataset
+    from lmstack.data import SFTDataset
 
     train = SFTDataset(path, tokenizer, seq_len, pack=pack, rank=rank, world_size=world_size, seed=seed)
     val = None

@@ -25,7 +25,7 @@ class TrainConfig:
         out_dir: Where checkpoints, metrics.jsonl, loss.png, report.md and the final model (out_dir/model) go.
         task: pretrain (next-token loss on every token) or sft (loss on assistant tokens only).
         model_overrides: ModelConfig fields to change on a preset, e.g. {num_layers: 4, hidden_size: 256}.
-        val_data: Fine-tuning: a chat JSONL file for validation (pretraining uses the data's val split).
+        val_data: Validation data: pretraining, a prepared directory (default: the data's val split); fine-tuning, a chat JSONL file.
         tokenizer: Directory with tokenizer.json; default: the data directory's, then the model directory's.
         seq_len: Tokens per training sequence (must fit the model's max_position_embeddings).
         batch_size: Sequences per micro-batch on each device.

@@ -29,13 +29,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def load_tokenizer(config: TrainConfig):
-    """--tokenizer, else the data directory's tokenizer, else the model directory's (None if none)."""
+def load_tokenizer(config: TrainConfig, train_data=None):
+    """--tokenizer, else the one the data was prepared with, else the model directory's (None if none)."""
     from lmstack.tokenizer import Tokenizer
 
     if config.tokenizer is not None:
         return Tokenizer.load(config.tokenizer)
-    for candidate in (config.data if config.task == "pretrain" else None, config.model):
+    candidates = [getattr(train_data, "tokenizer_dir", None), config.model]
+    if config.task == "pretrain":
+        candidates.insert(1, config.data)
+    for candidate in candidates:
         if candidate and Path(candidate).is_dir() and (Path(candidate) / "tokenizer.json").is_file():
             return Tokenizer.load(candidate)
     return None

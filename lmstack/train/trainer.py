@@ -54,13 +54,12 @@ class Trainer:
         self.device = self.dist.device
         self.precision = resolve_precision(c.precision, self.device)
         rank, world = self.dist.rank, self.dist.world_size
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c)
+        if train_data is None and c.task == "pretrain":
+            train_data, val_data = open_pretraining_data(c.data, c.seq_len, rank, world, c.seed, c.val_data)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c, train_data)
         if train_data is None:
-            if c.task == "pretrain":
-                train_data, val_data = open_pretraining_data(c.data, c.seq_len, rank, world, c.seed)
-            else:
-                train_data, val_data = open_sft_data(c.data, c.val_data, self.tokenizer, c.seq_len, c.pack,
-                                                     rank, world, c.seed)
+            train_data, val_data = open_sft_data(c.data, c.val_data, self.tokenizer, c.seq_len, c.pack,
+                                                 rank, world, c.seed)
         self.train_data, self.val_data = train_data, val_data
         self.model_config = model_config_for(c, model, getattr(train_data, "vocab_size", None), self.tokenizer)
         if c.seq_len > self.model_config.max_position_embeddings:
