@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from lmstack.cli.convert import convert
+from lmstack.cli.quickstart import quickstart
 from lmstack.cli.train import finetune, pretrain
 from lmstack.errors import LmstackError
 
@@ -19,6 +20,7 @@ def commands() -> dict:
     """The command tree: a dict of functions, nested dicts for command groups."""
     return {
         "convert": convert,
+        "quickstart": quickstart,
         "pretrain": pretrain,
         "finetune": finetune,
     }
