@@ -5,8 +5,11 @@ from __future__ import annotations
 
 def quickstart(out_dir: str = "runs/quickstart", device: str = "auto", minutes: float | None = None,
                seed: int = 0, progress: bool = True) -> None:
-    """Build the stdlib corpus, train a BPE tokenizer, prepare shards, pretrain a small Llama-style model,
-    compare it with a unigram baseline and print completions of code prompts.
+    """Train a small code model from scratch on this machine and show what it learned.
+
+    Builds the stdlib corpus, trains a BPE tokenizer, prepares shards, pretrains a small Llama-style
+    model sized for the hardware, compares its validation loss with a unigram baseline and prints
+    completions of code prompts.
 
     Args:
         out_dir: Where everything goes (model/, data/, tokenizer/, report.md, loss.png); reused if an earlier quickstart made it.

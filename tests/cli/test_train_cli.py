@@ -29,7 +29,7 @@ def test_every_training_option_is_a_flag_with_help(capsys):
     assert "--method full" in out and "default: 2e-05" in out
     with pytest.raises(SystemExit):
         main(["quickstart", "--help"])
-    assert "unigram" in capsys.readouterr().out
+    assert "small code model" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
