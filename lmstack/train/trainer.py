@@ -53,6 +53,9 @@ class Trainer:
         self.dist = D.setup(c.device)
         self.device = self.dist.device
         self.precision = resolve_precision(c.precision, self.device)
+        if self.device.type == "cuda":  # TF32 for the few float32 matmuls left outside autocast
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         rank, world = self.dist.rank, self.dist.world_size
         if train_data is None and c.task == "pretrain":
             train_data, val_data = open_pretraining_data(c.data, c.seq_len, rank, world, c.seed, c.val_data)
