@@ -15,14 +15,16 @@ import torch.distributed as dist  # noqa: E402
 from helpers import DIST_RUN, tiny_config  # noqa: E402
 from toy_data import ToyTokenDataset  # noqa: E402
 
+from lmstack.tokenizer import Tokenizer  # noqa: E402
 from lmstack.train import Trainer  # noqa: E402
 
 
-def run(out_dir: str, strategy: str, max_steps: int, resume: bool) -> None:
+def run(out_dir: str, strategy: str, max_steps: int, resume: bool, tokenizer=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     config = tiny_config(out_dir, **{**DIST_RUN, "batch_size": DIST_RUN["batch_size"] // world,
-                                     "distributed": strategy, "max_steps": max_steps, "resume": resume})
-    Trainer(config, train_data=ToyTokenDataset(config.seq_len, rank=rank, world_size=world),
+                                     "distributed": strategy, "max_steps": max_steps, "resume": resume,
+                                     "sample_every": 10, "sample_tokens": 6, "sample_prompt": "ab"})
+    Trainer(config, tokenizer=tokenizer, train_data=ToyTokenDataset(config.seq_len, rank=rank, world_size=world),
             val_data=ToyTokenDataset(config.seq_len, rank=rank, world_size=world, split="val")).fit()
 
 
@@ -31,6 +33,9 @@ if __name__ == "__main__":
     root = sys.argv[1]
     dist.init_process_group("gloo")
     run(f"{root}/ddp", "ddp", 20, resume=False)
-    run(f"{root}/fsdp", "fsdp", 10, resume=False)
-    run(f"{root}/fsdp", "fsdp", 20, resume=True)
+    # with a tokenizer, FSDP also runs sample generations (every rank takes part in the forward)
+    byte_tokenizer = Tokenizer.train(["ab" * 64], 256, special_tokens=[], bos_token=None, eos_token=None,
+                                     pad_token=None)
+    run(f"{root}/fsdp", "fsdp", 10, resume=False, tokenizer=byte_tokenizer)
+    run(f"{root}/fsdp", "fsdp", 20, resume=True, tokenizer=byte_tokenizer)
     dist.destroy_process_group()

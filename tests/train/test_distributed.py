@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -48,3 +49,5 @@ def test_ddp_and_fsdp_match_one_process(tmp_path):
         for (name, p), q in zip(model.named_parameters(), single.raw_model.parameters()):
             assert torch.allclose(p, q, atol=1e-4), (strategy, name)
     assert "resuming from" in proc.stderr and "step-00000010" in proc.stderr
+    samples = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples if "sample" in r] == [10, 20]
