@@ -10,6 +10,7 @@ lmstack Trainer, transformers' GPT2LMHeadModel and nanoGPT's model, interleaved;
     python benchmarks/bench_train.py shakespeare --device cpu          # nanoGPT's CPU config, 2000 iters
     python benchmarks/bench_train.py shakespeare --device cuda         # 6L/6H/384, ctx 256, 5000 iters
     python benchmarks/bench_train.py gpt2 --device cuda                # batch 12 x 1024, bf16, compiled
+    python benchmarks/bench_train.py gpt2 --device cuda --variants default,cudnn --skip-nanogpt
     python benchmarks/bench_train.py gpt2 --device cpu --batch 2 --seq 128 --rounds 3 --steps 1
 """
 
@@ -189,16 +190,34 @@ class RandomTokens:
         pass
 
 
-def make_lmstack_step(args, out: Path):
+def attention_preference(variant: str):
+    """cudnn: prefer cuDNN's fused attention (fast on Hopper) over FlashAttention-2 in SDPA."""
+    import contextlib
+
+    if variant != "cudnn":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def make_lmstack_step(args, out: Path, variant: str):
     from lmstack.train import TrainConfig, Trainer
 
-    config = TrainConfig(model="gpt2", model_overrides={"vocab_size": args.vocab}, out_dir=str(out), seq_len=args.seq,
-                         batch_size=args.batch, max_steps=10**6, warmup_steps=10, lr=6e-4, min_lr=6e-5,
-                         compile=args.compile == "true", device=args.device, eval_every=0, save_every=0,
-                         progress=False, tensorboard=False)
+    config = TrainConfig(model="gpt2", model_overrides={"vocab_size": args.vocab}, out_dir=str(out / variant),
+                         seq_len=args.seq, batch_size=args.batch, max_steps=10**6, warmup_steps=10, lr=6e-4,
+                         min_lr=6e-5, compile=args.compile == "true", device=args.device, eval_every=0, save_every=0,
+                         progress=False, tensorboard=False,
+                         compile_mode="max-autotune-no-cudagraphs" if variant == "max-autotune" else "default")
     trainer = Trainer(config, train_data=RandomTokens(args.vocab, args.seq))
     trainer.model.train()
-    return trainer.train_step, trainer.raw_model.flops_per_token(args.seq)
+
+    def step():
+        with attention_preference(variant):
+            return trainer.train_step()
+
+    return step, trainer.raw_model.flops_per_token(args.seq)
 
 
 def make_loop_step(model, args, forward):
@@ -236,7 +255,9 @@ def bench_gpt2(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_train_gpt2_"))
     steps, flops_per_token = {}, None
     try:
-        steps["lmstack"], flops_per_token = make_lmstack_step(args, work)
+        for variant in args.variants.split(","):
+            name = "lmstack" if variant == "default" else f"lmstack ({variant})"
+            steps[name], flops_per_token = make_lmstack_step(args, work, variant)
         hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         hf_cfg._attn_implementation = "sdpa"
@@ -303,6 +324,9 @@ def main() -> None:
     g.add_argument("--rounds", type=int, default=5)
     g.add_argument("--steps", type=int, default=10)
     g.add_argument("--warmup", type=int, default=3)
+    g.add_argument("--variants", default="default",
+                   help="comma-separated lmstack variants: default, cudnn (cuDNN attention first), "
+                        "max-autotune (compile_mode max-autotune-no-cudagraphs; minutes to compile)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

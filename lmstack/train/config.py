@@ -45,6 +45,7 @@ class TrainConfig:
         dropout: Dropout probability; default: the model's own (0 for presets).
         precision: auto (bf16 on GPUs that have it, fp16 with a gradient scaler on older GPUs, fp32 on CPU), bf16, fp16 or fp32.
         compile: torch.compile the model; default: on for CUDA, off on CPU.
+        compile_mode: torch.compile mode: default, max-autotune-no-cudagraphs (slower to compile, may run faster), reduce-overhead or max-autotune.
         activation_checkpointing: Recompute activations in the backward pass to save memory.
         pad_vocab_to_multiple: Pad the embedding rows to a multiple of this for speed (outputs and saved files unchanged).
         distributed: How to split work under torchrun: ddp (replicate) or fsdp (FSDP2, shard parameters).
@@ -90,6 +91,7 @@ class TrainConfig:
     dropout: float | None = None
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool | None = None
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     activation_checkpointing: bool = False
     pad_vocab_to_multiple: int = 64
     distributed: Literal["ddp", "fsdp"] = "ddp"
@@ -138,7 +140,8 @@ class TrainConfig:
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         choices = {"task": ("pretrain", "sft"), "schedule": ("cosine", "wsd", "constant"),
-                   "precision": ("auto", "bf16", "fp16", "fp32"), "distributed": ("ddp", "fsdp")}
+                   "precision": ("auto", "bf16", "fp16", "fp32"), "distributed": ("ddp", "fsdp"),
+                   "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")

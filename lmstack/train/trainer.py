@@ -80,7 +80,7 @@ class Trainer:
         self.raw_model = D.wrap_model(raw, c.distributed, self.dist) if c.distributed == "fsdp" else raw
         self.optimizer = build_optimizer(self.raw_model, c, self.device)
         use_compile = c.compile if c.compile is not None else self.device.type == "cuda"
-        model = torch.compile(self.raw_model) if use_compile else self.raw_model
+        model = torch.compile(self.raw_model, mode=c.compile_mode) if use_compile else self.raw_model
         self.model = D.wrap_model(model, "ddp", self.dist) if c.distributed == "ddp" else model
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.tokens_seen, self.nonfinite_in_a_row, self.elapsed_s = 0, 0, 0, 0.0
