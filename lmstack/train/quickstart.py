@@ -38,7 +38,7 @@ class Plan:
     lr: float
     max_steps: int | None  # None: calibrated to the time budget
     train_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig fields
 
 
 def plan_for(device: torch.device, minutes: float | None) -> Plan:
@@ -113,8 +113,11 @@ def calibrate_steps(config, seconds: float, log) -> int:
 
 
 def run_quickstart(out_dir: str = "runs/quickstart", device: str = "auto", minutes: float | None = None,
-                   seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
-    """Build everything under `out_dir` and return a summary (also written to out_dir/report.md)."""
+                   seed: int = 0, progress: bool = True, log=print, plan: Plan | None = None) -> dict[str, Any]:
+    """Build everything under `out_dir` and return a summary (also written to out_dir/report.md).
+
+    `plan` replaces the hardware-based choice (tests use a tiny one).
+    """
     from lmstack.data import PrepareConfig, prepare
     from lmstack.data.sources import stdlib_files
     from lmstack.tokenizer import Tokenizer
@@ -123,7 +126,7 @@ def run_quickstart(out_dir: str = "runs/quickstart", device: str = "auto", minut
 
     started = time.perf_counter()
     dev = resolve_device(device)
-    plan = plan_for(dev, minutes)
+    plan = plan or plan_for(dev, minutes)
     out = Path(out_dir)
     prepare_out_dir(out)
     timings: dict[str, float] = {}
@@ -153,6 +156,7 @@ def run_quickstart(out_dir: str = "runs/quickstart", device: str = "auto", minut
         eval_batches=40, save_every=0, log_every=10, sample_prompt=CODE_PROMPTS[0], sample_tokens=48,
         progress=progress,
     )
+    config = config.replace(**plan.extra)
     if plan.max_steps is None:
         t = time.perf_counter()
         config = config.replace(max_steps=calibrate_steps(config, plan.train_seconds, log))
