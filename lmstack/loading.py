@@ -24,6 +24,14 @@ def load(path_or_preset: str | Path, *, random_init: bool = False, dtype: torch.
 
     path = Path(path_or_preset)
     if path.is_dir():
+        from lmstack.infer.quantize import is_quantized_dir
+
+        if is_quantized_dir(path) and not random_init:  # written by `lmstack quantize` (torchao tensors)
+            from lmstack.infer.quantize import load_quantized
+
+            model = load_quantized(path, device=device)
+            tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+            return model, tokenizer
         if random_init:
             from lmstack.checkpoint.hf_config import read_config
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 
 from lmstack.cli.convert import convert
+from lmstack.cli.data import data_prepare, tokenizer_train
+from lmstack.cli.infer import chat, generate, quantize
 from lmstack.cli.quickstart import quickstart
 from lmstack.cli.train import finetune, pretrain
 from lmstack.errors import LmstackError
@@ -20,6 +22,11 @@ def commands() -> dict:
     """The command tree: a dict of functions, nested dicts for command groups."""
     return {
         "convert": convert,
+        "tokenizer": {"train": tokenizer_train},
+        "data": {"prepare": data_prepare},
+        "generate": generate,
+        "chat": chat,
+        "quantize": quantize,
         "quickstart": quickstart,
         "pretrain": pretrain,
         "finetune": finetune,

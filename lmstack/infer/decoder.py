@@ -93,7 +93,9 @@ class CompiledDecoder(Decoder):
             inductor_config.coordinate_descent_tuning = True
             inductor_config.triton.unique_kernel_names = True
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._decode_fn = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+            # MoE routing has data-dependent shapes: it runs between graphs (a graph break) there
+            fullgraph = model.config.mlp != "moe"
+            self._decode_fn = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=fullgraph)
             self._prefill_fn = torch.compile(self._prefill_step, dynamic=False)
 
     # the traced functions: tensors in, tensors out, all cache updates in place

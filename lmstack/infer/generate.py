@@ -133,16 +133,28 @@ def _loop(model, plan: Plan, tokenizer, decoder: Decoder | None, states_out: lis
     decoder.start(len(rows), ids.shape[1] + plan.max_new_tokens)
     logits = decoder.prefill(ids, mask if not bool(mask.all()) else None).float()
     active = torch.ones(len(rows), dtype=torch.bool, device=device)
-    for _ in range(plan.max_new_tokens):
+    for step in range(plan.max_new_tokens):
         tokens = sample(process_logits(logits, tensors, counts), tensors)
         if counts is not None:
             counts.update(tokens, active)
-        host_tokens = tokens.tolist()
+        # Copy this step's results to the host asynchronously and launch the next decode step
+        # before waiting for them, so the host's bookkeeping overlaps the device's forward.
+        results = [tokens]
         if want_logprobs:
             chosen, top_vals, top_ids = logprobs_of(logits, tokens, cfg.logprobs)
-            chosen = chosen.tolist()
-            top = ([dict(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist())]
-                   if top_ids is not None else [{}] * len(rows))
+            results += [chosen] + ([top_vals, top_ids] if top_ids is not None else [])
+        on_host = [t.to("cpu", non_blocking=True) for t in results]
+        copied = torch.cuda.Event() if device.type == "cuda" else None
+        if copied is not None:
+            copied.record()
+        next_logits = decoder.decode(tokens) if step + 1 < plan.max_new_tokens else None
+        if copied is not None:
+            copied.synchronize()
+        host_tokens = on_host[0].tolist()
+        if want_logprobs:
+            chosen = on_host[1].tolist()
+            top = ([dict(zip(i, v)) for i, v in zip(on_host[3].tolist(), on_host[2].tolist())]
+                   if len(on_host) > 2 else [{}] * len(rows))
         deltas = []
         for r, state in enumerate(states):
             if state.finished:
@@ -156,10 +168,11 @@ def _loop(model, plan: Plan, tokenizer, decoder: Decoder | None, states_out: lis
         if deltas:
             yield deltas
         done = [s.finished for s in states]
-        if all(done):
-            return
-        active = torch.tensor([not d for d in done], device=device)
-        logits = decoder.decode(tokens).float()
+        if all(done) or next_logits is None:
+            break
+        if counts is not None:  # finished rows keep decoding padding; their counts must not change
+            active = torch.tensor([not d for d in done], device=device)
+        logits = next_logits.float()
     for r, state in enumerate(states):  # only reached if max_new_tokens ran out without a finish
         if not state.finished:
             yield [(r, state.finish("length"))]

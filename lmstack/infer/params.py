@@ -125,6 +125,11 @@ class GenerationConfig(SamplingParams):
             self.max_tokens = self.max_new_tokens
         self.max_new_tokens = self.max_tokens
 
+    def replace(self, **changes) -> GenerationConfig:
+        if "max_tokens" in changes and "max_new_tokens" not in changes:
+            changes["max_new_tokens"] = changes["max_tokens"]
+        return dataclasses.replace(self, **changes)
+
     def validate(self, vocab_size: int | None = None) -> GenerationConfig:
         super().validate(vocab_size)
         _check(isinstance(self.num_beams, int) and self.num_beams >= 1, "num_beams", self.num_beams,

@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -37,6 +38,20 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 class _TemplateRaised(Exception):
     """`raise_exception(...)` called by the template itself (e.g. "roles must alternate")."""
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): render the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
@@ -127,7 +142,8 @@ class ChatTemplate:
     def __init__(self, source: str, name: str = "chat_template"):
         self.source = source
         self.name = name
-        env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
+                             extensions=[jinja2.ext.loopcontrols, _GenerationTag])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now

@@ -121,6 +121,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
+        if config.get("chat_template") is None:
+            config.pop("chat_template", None)
         if isinstance(config.get("chat_template"), dict):
             config["chat_template"] = [{"name": k, "template": v} for k, v in config["chat_template"].items()]
         for key in _RUNTIME_KEYS:  # what transformers 5 leaves in a loaded config

@@ -185,3 +185,11 @@ def test_all_tokens_banned_is_a_clear_error():
         _tensors([SamplingParams(banned_token_ids=list(range(3, V)), stop_token_ids=[0, 1], min_tokens=1)])
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         _tensors([SamplingParams(banned_token_ids=[V])])
+
+
+def test_generation_config_max_tokens_aliases():
+    from lmstack.infer import GenerationConfig
+
+    c = GenerationConfig(max_new_tokens=10)
+    assert c.max_tokens == 10
+    assert c.replace(max_tokens=5).max_new_tokens == 5 and c.replace(max_new_tokens=7).max_tokens == 7

@@ -1,0 +1,294 @@
+"""Where documents come from: text files, folders, globs, .jsonl, .parquet and built-in corpora.
+
+`resolve_inputs` turns the user's `--input` specs into a sorted, deterministic list of files;
+`plan_spans` cuts them into `Span`s (a byte range of a text/jsonl file, a row range of a
+parquet file) that worker processes read and decode themselves, so the main process never
+touches the text. `read_span` is that reading, with errors that name the file and line.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmstack.errors import DataError
+
+BUILTIN_CORPORA = ("stdlib",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    kind: str  # "text" | "jsonl" | "parquet"
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
+class Span:
+    """A piece of one input file: bytes [start, stop) of text/jsonl, rows [start, stop) of parquet."""
+
+    path: str
+    kind: str
+    start: int
+    stop: int
+    line: int  # 1-based line (row for parquet) where the span starts
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    path: str
+    line: int  # 1-based line (jsonl record / text piece start / parquet row)
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    """The running Python's stdlib .py files (tests included, site-packages not), sorted.
+
+    The few files that are deliberately not UTF-8 (encoding-declaration test fixtures) are
+    left out, so the corpus needs no --skip-bad.
+    """
+    root = stdlib_root()
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        for name in filenames:
+            if name.endswith(".py"):
+                path = Path(dirpath) / name
+                try:
+                    path.read_bytes().decode("utf-8")
+                except (UnicodeDecodeError, OSError):
+                    continue
+                out.append(path)
+    return sorted(out)
+
+
+def file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    return "text"
+
+
+def _expand(spec: str) -> list[Path]:
+    if spec in BUILTIN_CORPORA and not Path(spec).exists():
+        return stdlib_files()
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN_CORPORA:
+            raise DataError(f"unknown built-in corpus {name!r}; available: {', '.join(BUILTIN_CORPORA)}")
+        return stdlib_files()
+    path = Path(spec).expanduser()
+    if any(c in spec for c in "*?["):
+        matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
+        files = sorted(p for p in matches if p.is_file())
+        if not files:
+            raise DataError(f"--input {spec!r} matches no files")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise DataError(f"--input folder {spec} has no files")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f"--input {spec!r} is not a file, folder, glob or built-in corpus "
+                    f"({', '.join(BUILTIN_CORPORA)})")
+
+
+def resolve_inputs(specs: list[str] | str) -> list[tuple[str, list[InputFile]]]:
+    """[(spec, files)] for each --input spec, files sorted so every run sees the same order."""
+    if isinstance(specs, str):
+        specs = [specs]
+    if not specs:
+        raise DataError("no --input given; pass files, folders, globs or a built-in corpus such as stdlib")
+    out = []
+    for spec in specs:
+        files = [InputFile(str(p), file_kind(p), p.stat().st_size) for p in _expand(str(spec))]
+        out.append((str(spec), files))
+    return out
+
+
+def _newline_cut(handle, start: int, target: int, size: int) -> int:
+    """The first offset after a newline at or past `target` (or the end of the file)."""
+    if target >= size:
+        return size
+    handle.seek(target)
+    while True:
+        block = handle.read(1 << 16)
+        if not block:
+            return size
+        i = block.find(b"\n")
+        if i >= 0:
+            return handle.tell() - len(block) + i + 1
+
+
+def plan_spans(files: list[InputFile], text_piece_bytes: int = 1 << 16, jsonl_span_bytes: int = 1 << 20,
+               parquet_rows: int = 4096) -> Iterator[Span]:
+    """Cut files into spans at line boundaries: a text file longer than `text_piece_bytes` becomes
+    several documents (so one big file still gives a validation split); jsonl/parquet spans
+    just bound the work per worker task."""
+    for f in files:
+        if f.kind == "parquet":
+            rows = parquet_num_rows(f.path)
+            for start in range(0, rows, parquet_rows):
+                yield Span(f.path, "parquet", start, min(rows, start + parquet_rows), start + 1)
+            continue
+        span_bytes = text_piece_bytes if f.kind == "text" else jsonl_span_bytes
+        if f.size <= span_bytes:
+            yield Span(f.path, f.kind, 0, f.size, 1)
+            continue
+        with open(f.path, "rb") as handle:
+            start, line = 0, 1
+            while start < f.size:
+                stop = _newline_cut(handle, start, start + span_bytes, f.size)
+                yield Span(f.path, f.kind, start, stop, line)
+                if stop < f.size:
+                    handle.seek(start)
+                    line += handle.read(stop - start).count(b"\n")
+                start = stop
+
+
+def parquet_num_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as err:
+        raise DataError(f"{path} is not a readable parquet file ({err})") from None
+
+
+def _decode(raw: bytes, path: str, line: int) -> str | BadRecord:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad_line = line + raw[:err.start].count(b"\n")
+        return BadRecord(path, bad_line, f"undecodable bytes {raw[err.start:err.start + 4]!r} (not UTF-8)")
+
+
+def _read_bytes(span: Span) -> bytes:
+    with open(span.path, "rb") as handle:
+        handle.seek(span.start)
+        return handle.read(span.stop - span.start)
+
+
+def read_span(span: Span, text_field: str = "text") -> tuple[list[Document], list[BadRecord], bytes]:
+    """Documents, bad records and the raw bytes (for the input checksum) of one span."""
+    if span.kind == "parquet":
+        return _read_parquet(span, text_field)
+    raw = _read_bytes(span)
+    if span.kind == "text":
+        text = _decode(raw, span.path, span.line)
+        if isinstance(text, BadRecord):
+            return [], [text], raw
+        return [Document(text, span.path, span.line)], [], raw
+    docs, bad = [], []
+    for i, line_bytes in enumerate(raw.split(b"\n")):
+        line = span.line + i
+        if not line_bytes.strip():
+            continue
+        item = _decode(line_bytes, span.path, line)
+        if isinstance(item, BadRecord):
+            bad.append(item)
+            continue
+        try:
+            record = json.loads(item)
+        except json.JSONDecodeError as err:
+            bad.append(BadRecord(span.path, line, f"malformed JSON ({err.msg} at column {err.colno})"))
+            continue
+        result = record_text(record, text_field)
+        if isinstance(result, str):
+            docs.append(Document(result, span.path, line))
+        else:
+            bad.append(BadRecord(span.path, line, result[0]))
+    return docs, bad, raw
+
+
+def record_text(record: object, text_field: str) -> str | tuple[str]:
+    """The text field of a JSON record, or (reason,) when it is missing or not a string."""
+    if not isinstance(record, dict):
+        return (f"expected a JSON object with field {text_field!r}, found {type(record).__name__}",)
+    if text_field not in record:
+        return (f"missing field {text_field!r} (fields: {', '.join(sorted(record)) or 'none'}); "
+                "choose one with --text-field",)
+    value = record[text_field]
+    if not isinstance(value, str):
+        return (f"field {text_field!r} is {type(value).__name__}, expected a string",)
+    return value
+
+
+def _read_parquet(span: Span, text_field: str) -> tuple[list[Document], list[BadRecord], bytes]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(span.path)
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"{span.path} has no column {text_field!r} (columns: "
+                            f"{', '.join(pf.schema_arrow.names)}); choose one with --text-field")
+        values: list = []
+        row = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n > span.start and row < span.stop:
+                column = pf.read_row_group(g, columns=[text_field]).column(0).to_pylist()
+                values.extend(column[max(0, span.start - row):span.stop - row])
+            row += n
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{span.path} is not a readable parquet file ({err})") from None
+    docs, bad = [], []
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            docs.append(Document(value, span.path, span.start + 1 + i))
+        else:
+            bad.append(BadRecord(span.path, span.start + 1 + i,
+                                 f"column {text_field!r} is {type(value).__name__}, expected a string"))
+    checksum_bytes = "\x00".join(v if isinstance(v, str) else "" for v in values).encode("utf-8", "surrogatepass")
+    return docs, bad, checksum_bytes
+
+
+def iter_documents(specs: list[str] | str, text_field: str = "text", skip_bad: bool = False,
+                   bad: list[BadRecord] | None = None) -> Iterator[Document]:
+    """Every document of the inputs in order (single process; `lmstack tokenizer train` uses this).
+
+    A bad record raises DataError naming file and line, or with skip_bad is appended to `bad`.
+    """
+    found = False
+    for _, files in resolve_inputs(specs):
+        for span in plan_spans(files):
+            docs, bad_records, _ = read_span(span, text_field)
+            for record in bad_records:
+                if not skip_bad:
+                    raise DataError(f"{record} (fix it, or pass --skip-bad to skip and count bad records)")
+                if bad is not None:
+                    bad.append(record)
+            for doc in docs:
+                found = True
+                yield doc
+    if not found:
+        raise DataError(f"no documents found in --input {specs}; the corpus is empty")

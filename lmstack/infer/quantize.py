@@ -1,0 +1,180 @@
+"""Weight-only quantization through torchao: int8 (per channel), int4 (group-wise), float8.
+
+`quantize(model, "int8" | "int4" | "float8")` swaps every Linear weight (attention, MLP,
+experts, and the LM head unless told not to) for a torchao quantized tensor; the matmuls then
+run torchao's kernels (tinygemm int4 on CUDA, int8 weight-only, float8 on SM >= 8.9).
+int4 on CPU uses torchao's portable `IntxWeightOnlyConfig` (int4 values stored one per int8,
+correct but not faster); the packed CUDA int4 layout needs bfloat16 and a CUDA device.
+
+On disk (`save_quantized`, `lmstack quantize`): an HF-style directory whose config.json has
+`"quantization_config": {"quant_method": "torchao", "lmstack": {...}}` and whose
+model.safetensors holds torchao's flattened tensors (its safetensors metadata format) under
+lmstack's *own* parameter names (fused qkv / gate_up). `lmstack.load` reads it back;
+transformers cannot (its torchao loader expects its unfused module names).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmstack.errors import CheckpointError, ConfigError
+
+METHODS = ("int8", "int4", "float8")
+WEIGHTS = "model.safetensors"
+
+
+def _torchao():
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import quantize_
+    except ImportError:
+        raise ConfigError("quantization needs torchao: pip install torchao (see docs/inference.md for versions)") from None
+    return quantize_
+
+
+def quant_config(method: str, group_size: int, device: torch.device):
+    """The torchao config for a method on a device (validated here)."""
+    from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    if method == "int8":
+        return Int8WeightOnlyConfig()
+    if method == "int4":
+        if device.type == "cuda":
+            return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+        from torchao.quantization import IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+    if method == "float8":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise ConfigError("float8 weights need a CUDA GPU with compute capability >= 8.9 (Ada, Hopper or newer); "
+                              "use int8 or int4 here")
+        return Float8WeightOnlyConfig()
+    raise ConfigError(f"quantization method {method!r} is not one of {', '.join(METHODS)}")
+
+
+def _targets(model: nn.Module, include_lm_head: bool, group_size: int, method: str):
+    """Which Linear layers get quantized: all but the MoE router (tiny, and routing is sensitive)."""
+    def want(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear) or fqn.endswith("router"):
+            return False
+        if fqn == "lm_head" and not include_lm_head:
+            return False
+        return method != "int4" or module.in_features % group_size == 0
+    return want
+
+
+def quantize(model, method: str = "int8", group_size: int = 128, include_lm_head: bool = True):
+    """Quantize a Transformer's Linear weights in place (and return it).
+
+    A tied LM head gets its own quantized copy; the embedding keeps full precision (a lookup
+    reads one row, so it costs no bandwidth). int4 on CUDA casts the model to bfloat16 first.
+    Layers whose input size is not a multiple of group_size stay unquantized (int4).
+    """
+    quantize_ = _torchao()
+    if method == "int4" and group_size not in (32, 64, 128, 256):
+        raise ConfigError(f"group_size={group_size} must be one of 32, 64, 128, 256 for int4")
+    device = model.device
+    config = quant_config(method, group_size, device)
+    if method == "int4" and device.type == "cuda" and model.dtype != torch.bfloat16:
+        model.to(torch.bfloat16)
+    if model.config.tie_embeddings and include_lm_head:
+        model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone(), requires_grad=False)
+    quantize_(model, config, filter_fn=_targets(model, include_lm_head, group_size, method))
+    model.config.extra["quantization_config"] = {
+        "quant_method": "torchao",
+        "lmstack": {"method": method, "group_size": group_size, "include_lm_head": include_lm_head,
+                    "device": device.type, "layout": "lmstack-fused"},
+    }
+    return model
+
+
+def quantized_method(model) -> str | None:
+    q = model.config.extra.get("quantization_config") or {}
+    return (q.get("lmstack") or {}).get("method")
+
+
+def save_quantized(model, directory: str | Path, tokenizer=None) -> Path:
+    """Write config.json (+ quantization_config), torchao-flattened safetensors, generation config, tokenizer."""
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    from lmstack.checkpoint.files import atomic_write_bytes
+    from lmstack.checkpoint.hf_config import config_to_hf
+
+    if quantized_method(model) is None:
+        raise ConfigError("the model is not quantized: call quantize(model, method) first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.lm_head.weight is model.embed.weight:
+        state.pop("lm_head.weight")  # tied and not quantized: stored once, as the embedding
+    state = {k: v.to("cpu") if type(v) is torch.Tensor else v for k, v in state.items()}
+    tensors, metadata = flatten_tensor_state_dict(state)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS), metadata=metadata)
+    hf = config_to_hf(model.config)
+    atomic_write_bytes(directory / "config.json", (json.dumps(hf, indent=2) + "\n").encode())
+    gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if getattr(model.config, k) is not None}
+    atomic_write_bytes(directory / "generation_config.json", (json.dumps(gen, indent=2) + "\n").encode())
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def is_quantized_dir(directory: str | Path) -> bool:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        q = json.loads(path.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return q.get("quant_method") == "torchao" and "lmstack" in q
+
+
+def load_quantized(directory: str | Path, device: torch.device | str = "cpu"):
+    """A quantized Transformer from a directory written by `save_quantized`."""
+    from safetensors import safe_open
+
+    from lmstack.checkpoint.hf_config import read_config
+    from lmstack.model.transformer import Transformer
+
+    _torchao()
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    directory = Path(directory)
+    config = read_config(directory)
+    info = config.extra["quantization_config"]["lmstack"]
+    device = torch.device(device)
+    if info["method"] == "int4" and info.get("device") == "cuda" and device.type != "cuda":
+        raise CheckpointError(f"{directory} holds CUDA-packed int4 weights (tinygemm layout); load it with "
+                              "device='cuda', or quantize again on this device")
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS}")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    if leftover:
+        raise CheckpointError(f"unexpected tensors in {path}: {sorted(leftover)[:3]}")
+    with torch.device("meta"):
+        model = Transformer(config)
+    tied = "lm_head.weight" not in state
+    if tied:
+        state["lm_head.weight"] = state["embed.weight"]
+    else:
+        model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight), requires_grad=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not m.endswith("inv_freq")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        model.tie_weights()
+    model.reset_buffers()
+    return model.to(device).eval()

@@ -1,0 +1,104 @@
+"""`lmstack generate`, `lmstack quantize` and `lmstack chat` end to end, as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "infer"))
+from tiny_dir import tiny_model_dir  # noqa: E402
+
+import lmstack  # noqa: E402
+from lmstack.infer import GenerationConfig, generate  # noqa: E402
+
+
+def test_help_lists_the_inference_commands():
+    out = subprocess.run([sys.executable, "-m", "lmstack.cli", "generate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--num_beams" in out.stdout and "default: 128" in out.stdout
+
+
+def main_cli(capsys, *args):
+    """The same entry point in-process (a subprocess costs seconds of imports per call)."""
+    from lmstack.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def test_generate_json_matches_the_python_api(model_dir, capsys):
+    code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--max_new_tokens", "12",
+                              "--ignore_eos", "true", "--logprobs", "2", "--json_output", "true", "--device", "cpu")
+    assert code == 0, err
+    got = json.loads(out)[0]["outputs"][0]
+    model, tok = lmstack.load(model_dir)
+    ref = generate(model, "To be", GenerationConfig(max_new_tokens=12, ignore_eos=True), tok)[0].outputs[0]
+    assert got["token_ids"] == ref.token_ids and got["text"] == ref.text and len(got["logprobs"]) == 12
+    assert got["finish_reason"] == "length"
+
+
+def test_generate_stream_beams_and_errors(model_dir, capsys):
+    code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--max_new_tokens", "8",
+                              "--stream", "true", "--temperature", "0.7", "--seed", "3", "--ignore_eos", "true",
+                              "--device", "cpu")
+    assert code == 0, err
+    model, tok = lmstack.load(model_dir)
+    ref = generate(model, "To be", GenerationConfig(max_new_tokens=8, temperature=0.7, seed=3, ignore_eos=True), tok)
+    assert out == ref[0].outputs[0].text + "\n"
+    code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--max_new_tokens", "6",
+                              "--num_beams", "3", "--n", "2", "--early_stopping", "never", "--device", "cpu")
+    assert code == 0 and out.count("--- prompt 0, output") == 2, err
+    for args, message in [(("--temperature", "-1"), "temperature=-1.0 must be >= 0"),
+                          (("--max_new_tokens", "5000"), "goes beyond the context"),
+                          (("--early_stopping", "maybe"), "--early_stopping='maybe' must be true, false or never")]:
+        code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "x", "--device", "cpu", *args)
+        assert code == 2 and message in err
+
+
+def test_quantize_saves_a_directory_that_generates(model_dir, tmp_path, capsys):
+    pytest.importorskip("torchao")
+    text = tmp_path / "heldout.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    code, out, err = main_cli(capsys, "quantize", str(model_dir), str(tmp_path / "q"), "--method", "int8",
+                              "--device", "cpu", "--eval_text", str(text))
+    assert code == 0, err
+    assert "perplexity on" in out and "->" in out
+    code, out, err = main_cli(capsys, "generate", str(tmp_path / "q"), "--prompt", "To be", "--max_new_tokens", "4",
+                              "--device", "cpu")
+    assert code == 0 and out.strip(), err
+
+
+def test_chat_in_a_terminal(model_dir):
+    """Drive `lmstack chat` through a pseudo-terminal: answers stream, commands work, history resets."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "lmstack.cli", "chat", str(model_dir), "--device", "cpu",
+                                           "--max_new_tokens", "16", "--seed", "0"], encoding="utf-8", timeout=60)
+    try:
+        child.expect("Commands: /reset, /system TEXT, /exit")
+        child.expect_exact(">>> ")
+        child.sendline("Hello there")
+        child.expect_exact(">>> ")  # the answer streamed, then a new prompt
+        answer = child.before
+        assert "Hello there" in answer  # echo of the typed line
+        child.sendline("/system You are a fox.")
+        child.expect_exact("[system prompt set; history cleared]")
+        child.expect_exact(">>> ")
+        child.sendline("/reset")
+        child.expect_exact("[history cleared]")
+        child.expect_exact(">>> ")
+        child.sendline("/nonsense")
+        child.expect_exact("[unknown command /nonsense")
+        child.expect_exact(">>> ")
+        child.sendline("Second question")
+        child.expect_exact(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
