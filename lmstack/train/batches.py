@@ -77,13 +77,13 @@ def open_pretraining_data(data_dir: str | None, seq_len: int, rank: int, world_s
     from lmstack.data.shards import read_index
 
     def split_of(path: str | None) -> str | None:
-        splits = read_index(path).get("splits", {})
+        splits = {name: s for name, s in read_index(path).get("splits", {}).items() if s.get("num_tokens", 1) > 0}
         return "val" if "val" in splits else ("train" if path == val_dir and "train" in splits else None)
 
     train = TokenDataset(data_dir, seq_len, split="train", rank=rank, world_size=world_size, seed=seed)
     source = val_dir if val_dir is not None else data_dir
     split = split_of(source)
-    val = None  # a corpus prepared without a validation split has none
+    val = None  # a corpus prepared without (or with an empty) validation split has none
     if split is not None:
         val = TokenDataset(source, seq_len, split=split, rank=rank, world_size=world_size, seed=seed)
         if val.vocab_size != train.vocab_size:

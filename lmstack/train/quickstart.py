@@ -38,6 +38,7 @@ class Plan:
     lr: float
     max_steps: int | None  # None: calibrated to the time budget
     train_seconds: float
+    val_fraction: float = 0.02
     extra: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig fields
 
 
@@ -143,7 +144,7 @@ def run_quickstart(out_dir: str = "runs/quickstart", device: str = "auto", minut
     t = time.perf_counter()
     log("[2/5] tokenizing into shards (lmstack data prepare)")
     prepare(PrepareConfig(inputs=[str(f) for f in files], tokenizer=str(out / "tokenizer"), out=str(out / "data"),
-                          val_fraction=0.02, progress=progress))
+                          val_fraction=plan.val_fraction, progress=progress))
     baseline, n_train, n_val = unigram_baseline(out / "data")
     timings["prepare"] = time.perf_counter() - t
     log(f"      {n_train:,} train tokens, {n_val:,} val tokens; unigram baseline {baseline:.3f} nats/token "

@@ -12,7 +12,8 @@ import pytest
 from lmstack.errors import ConfigError
 from lmstack.train.quickstart import Plan, run_quickstart, unigram_baseline
 
-TINY = Plan(corpus_every=150, vocab_size=300, seq_len=32, batch_size=8, lr=3e-3, max_steps=30, train_seconds=0,
+TINY = Plan(corpus_every=150, vocab_size=300, seq_len=32, batch_size=8, lr=5e-3, max_steps=120, train_seconds=0,
+            val_fraction=0.25,
             model_overrides=dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128,
                                  max_position_embeddings=128, rope_scaling=None))
 
