@@ -66,7 +66,7 @@ def full_val_loss(forward, windows: np.ndarray, batch: int, device: str) -> floa
     with torch.no_grad():
         for i in range(0, len(windows), batch):
             w = torch.from_numpy(windows[i:i + batch].astype(np.int64)).to(device)
-            logits = forward(w[:, :-1]).float()
+            logits = forward(w[:, :-1].contiguous()).float()
             total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
                                                        reduction="sum").item()
             count += w[:, 1:].numel()

@@ -318,8 +318,11 @@ class Trainer:
         from lmstack.infer.params import GenerationConfig
 
         c = self.config
+        room = self.model_config.max_position_embeddings - len(self.tokenizer.encode(c.sample_prompt, True))
+        if room < 1:
+            return  # the prompt alone fills the context
         # eager decoding with its own seeded generator: the training RNG stream is left untouched
-        options = GenerationConfig(temperature=0.8, top_k=50, max_new_tokens=c.sample_tokens, seed=c.seed)
+        options = GenerationConfig(temperature=0.8, top_k=50, max_new_tokens=min(c.sample_tokens, room), seed=c.seed)
         self.raw_model.eval()  # no dropout; float32 weights, so no autocast (the KV cache is float32 too)
         try:
             out = generate(self.raw_model, c.sample_prompt, options, self.tokenizer, decoder=Decoder(self.raw_model))
