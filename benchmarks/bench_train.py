@@ -40,7 +40,6 @@ SHAKESPEARE = {
 def prepare_bytes(text_path: Path, work: Path) -> tuple[Path, Path, float]:
     """256-byte tokenizer and token shards of the first 90% (train) and last 10% (val), as nanoGPT splits."""
     from lmstack.data import PrepareConfig, prepare
-
     from lmstack.tokenizer import Tokenizer
 
     start = time.perf_counter()

@@ -145,6 +145,11 @@ class Trainer:
         self.log = RunLogger(self.out_dir, d.is_main, c.max_steps, self.step, c.progress, c.tensorboard)
         if self.resume_from is not None:
             self.log.message(f"resuming from {self.resume_from} (step {self.step})")
+        stats = getattr(self.train_data, "stats", None)  # SFT data reports what it kept and cut
+        if stats is not None and getattr(stats, "truncated", 0):
+            self.log.message(f"note: {stats.truncated} of {stats.examples} conversations were longer than "
+                             f"seq_len={c.seq_len} and were truncated ({stats.without_trained_tokens} lost every "
+                             "assistant token); raise --seq_len to keep them whole")
         self.model.train()
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         try:
