@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from helpers import DIST_RUN, tiny_config  # noqa: E402
 from toy_data import ToyTokenDataset  # noqa: E402
+from train_helpers import DIST_RUN, tiny_config  # noqa: E402
 
 from lmstack.tokenizer import Tokenizer  # noqa: E402
 from lmstack.train import Trainer  # noqa: E402

@@ -10,8 +10,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from helpers import RESUME_RUN, tiny_config  # noqa: E402
 from toy_data import ToyTokenDataset  # noqa: E402
+from train_helpers import RESUME_RUN, tiny_config  # noqa: E402
 
 from lmstack.train import Trainer  # noqa: E402
 

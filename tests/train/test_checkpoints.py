@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import toy_trainer
+from train_helpers import toy_trainer
 
 from lmstack.checkpoint.state import latest_checkpoint, list_checkpoints, load_trainer_state
 from lmstack.errors import CheckpointError

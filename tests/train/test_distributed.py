@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import DIST_RUN, tiny_config
-from test_resume import losses
 from toy_data import ToyTokenDataset
+from train_helpers import DIST_RUN, losses, tiny_config
 
 import lmstack
 from lmstack.train import Trainer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,20 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import RESUME_RUN, tiny_config
 from safetensors.torch import load_file
 from toy_data import ToyTokenDataset
+from train_helpers import RESUME_RUN, losses, tiny_config
 
 from lmstack.train import Trainer
 
 DRIVER = Path(__file__).with_name("resume_driver.py")
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "loss" in r]
-    assert len(steps) == len(set(steps)), "a step was logged twice"
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def run_in_process(out_dir: Path) -> Trainer:

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config, toy_trainer
 from toy_data import ToyTokenDataset
+from train_helpers import ListData, tiny_config, toy_trainer
 
 import lmstack
 from lmstack.errors import TrainingError
@@ -30,24 +30,6 @@ def test_grad_accumulation_equals_one_larger_batch(tmp_path):
     assert big_losses[-1] < big_losses[0]  # it learns, so later steps compare trained weights
     for (name, p), q in zip(big.raw_model.named_parameters(), small.raw_model.parameters()):
         assert torch.allclose(p, q, atol=1e-5), name
-
-
-class ListData:
-    """Serves fixed batches in order (SFT-style dicts or pretraining pairs)."""
-
-    def __init__(self, batches, vocab_size=256):
-        self.batches, self.vocab_size, self.i = batches, vocab_size, 0
-
-    def next_batch(self, batch_size):
-        b = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        return b
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, state):
-        self.i = state["i"]
 
 
 def sft_batch(seed: int, prompt_lens: list[int], T: int = 12) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import toy_trainer
+from train_helpers import toy_trainer
 
 pytestmark = pytest.mark.cuda
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_config, toy_trainer
-from test_trainer import ListData
 from toy_data import ToyTokenDataset
+from train_helpers import ListData, tiny_config, toy_trainer
 
 import lmstack
 from lmstack.cli import main

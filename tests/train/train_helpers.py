@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
 from toy_data import ToyTokenDataset
@@ -41,3 +43,28 @@ RESUME_RUN = dict(max_steps=12, save_every=3, eval_every=4, dropout=0.1, resume=
 # warmup so a run stopped at step 10 and resumed to 20 follows the same schedule as one of 20).
 DIST_RUN = dict(max_steps=20, batch_size=4, schedule="constant", warmup_steps=3, eval_every=10, save_every=10,
                 lr=3e-3)
+
+
+class ListData:
+    """Serves fixed batches in order (SFT-style dicts or pretraining pairs)."""
+
+    def __init__(self, batches, vocab_size=256):
+        self.batches, self.vocab_size, self.i = batches, vocab_size, 0
+
+    def next_batch(self, batch_size):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
