@@ -51,3 +51,15 @@ def test_corrupt_trainer_state_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="could not be read as trainer state.*delete this checkpoint"):
         toy_trainer(tmp_path, max_steps=4, resume=True)
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")  # optional: logged only when installed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    toy_trainer(tmp_path, max_steps=4, eval_every=2, tensorboard=True).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records if "loss" in r])
+    assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
