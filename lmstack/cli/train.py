@@ -59,6 +59,7 @@ def _command(name: str, summary: str, task: str, defaults: dict[str, Any], extra
 def run_training(config: TrainConfig) -> dict[str, Any]:
     """Build the Trainer (all checks happen here, before any work), train, print where things went."""
     from lmstack.train import Trainer
+    from lmstack.train.logging import format_value
 
     trainer = Trainer(config)
     try:
@@ -67,7 +68,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             width = max(len(k) for k in summary)
             for key, value in summary.items():
                 if value is not None:
-                    print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+                    print(f"{key:<{width}}  {format_value(value)}")
             print(f"report: {config.out_dir}/report.md   loss curve: {config.out_dir}/loss.png")
         return summary
     finally:

@@ -123,14 +123,18 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def gradient_sync(model: nn.Module, enabled: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+def gradient_sync(model: nn.Module, raw_model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step.
+
+    `model` is what the step calls (maybe DDP around a compiled module), `raw_model` the
+    module itself (the FSDP module when sharded, even when compiled).
+    """
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel) and not enabled:
         return model.no_sync()
-    if is_fsdp(model):
-        model.set_requires_gradient_sync(enabled)
+    if is_fsdp(raw_model):
+        raw_model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 
 

@@ -138,15 +138,21 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
     return Path(path)
 
 
+def format_value(value: Any) -> str:
+    """Numbers for people: 4 significant digits, thousands separators instead of exponents."""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
 def write_report(path: str | Path, summary: dict[str, Any], sample: str | None = None) -> Path:
     """A short markdown summary of the run: what was trained, how fast, how well."""
     lines = ["# Training report", "", "| | |", "|---|---|"]
     for key, value in summary.items():
-        if value is None:
-            continue
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        lines.append(f"| {key} | {value} |")
+        if value is not None:
+            lines.append(f"| {key} | {format_value(value)} |")
     if Path(path).with_name("loss.png").is_file():
         lines += ["", "![loss curve](loss.png)"]
     if sample is not None:

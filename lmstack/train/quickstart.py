@@ -209,11 +209,11 @@ def complete_prompts(model, tokenizer, seed: int) -> list[tuple[str, str]]:
 
 
 def write_quickstart_report(out: Path, result: dict[str, Any], completions: list[tuple[str, str]]) -> None:
+    from lmstack.train.logging import format_value
+
     lines = ["", "## Quickstart", "", "| | |", "|---|---|"]
     for key, value in result.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        lines.append(f"| {key} | {value} |")
+        lines.append(f"| {key} | {format_value(value)} |")
     lines += ["", "### Completions", ""]
     for prompt, text in completions:
         lines += ["```python", prompt + text, "```", ""]

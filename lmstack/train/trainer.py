@@ -196,7 +196,7 @@ class Trainer:
         total = d.all_reduce_sum(torch.stack(counts).sum().float()).clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
-            with D.gradient_sync(self.model, i == len(batches) - 1), self.autocast():
+            with D.gradient_sync(self.model, self.raw_model, i == len(batches) - 1), self.autocast():
                 out = self.model(**batch.model_inputs())
                 # this micro-batch's summed token losses over all loss tokens of the step; times
                 # world_size because DDP and FSDP average gradients over ranks
