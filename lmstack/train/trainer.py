@@ -163,7 +163,9 @@ class Trainer:
                     dt = time.perf_counter() - window_start
                     self._log_train(loss, window_tokens / dt, dt / window_steps)
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                paused = time.perf_counter()
                 self._periodic()
+                window_start += time.perf_counter() - paused  # evals and saves do not count against tokens/s
             return self._finish()
         finally:
             self.log.close()

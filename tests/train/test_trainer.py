@@ -116,3 +116,13 @@ def test_nonfinite_loss_skips_the_step_then_stops(tmp_path, capsys):
     assert "skipped the update" in capsys.readouterr().err
     reloaded, _ = lmstack.load(tmp_path / "checkpoints" / "step-00000002")
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_steps(tmp_path):
+    # (a Trainer seeds the process's RNG when built, so each is built right before it runs)
+    plain = toy_trainer(tmp_path / "plain", dropout=0.1)
+    a = [plain.train_step() for _ in range(3)]
+    recompute = toy_trainer(tmp_path / "ckpt", dropout=0.1, activation_checkpointing=True)
+    assert recompute.raw_model.gradient_checkpointing
+    b = [recompute.train_step() for _ in range(3)]  # recomputation replays the dropout masks
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
