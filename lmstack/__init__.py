@@ -21,6 +21,9 @@ _LAZY = {
     "Transformer": "lmstack.model",
     "KVCache": "lmstack.model",
     "Tokenizer": "lmstack.tokenizer",
+    "LLM": "lmstack.engine",
+    "AsyncEngine": "lmstack.engine",
+    "SamplingParams": "lmstack.infer.params",
 }
 __all__ = sorted(_LAZY)
 

@@ -25,5 +25,9 @@ class DataError(LmstackError):
     """A corpus, shard or record is missing, malformed or empty."""
 
 
+class RequestError(LmstackError, ValueError):
+    """A generation request that can never be served (too long for the context or the KV pool)."""
+
+
 class TrainingError(LmstackError):
     """A training run cannot go on (e.g. the loss stayed non-finite); the message names the last good checkpoint."""

@@ -128,7 +128,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         kv_cache: AttentionContext | None = None,
         shift_labels: bool = True,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool = False,
     ) -> CausalLMOutput:
         """input_ids (B, T) -> logits (B, T, vocab).
@@ -137,7 +137,8 @@ class Transformer(nn.Module):
         aligned with input_ids and shifted here; pass `shift_labels=False` for targets that are
         already shifted (the pretraining loader gives x and y = x shifted by one).
         positions: (B, T) RoPE/learned positions; by default counted from the attention mask
-        (left padding) and the cache. logits_to_keep: only the last n positions' logits.
+        (left padding) and the cache. logits_to_keep: only the last n positions' logits, or (as
+        in transformers) a 1-D tensor of the positions to keep (the engine keeps one row per sequence).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -165,7 +166,9 @@ class Transformer(nn.Module):
                 router_logits.append(r)
         x = self.norm(x)
         hidden = x if output_hidden_states else None
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[:, logits_to_keep]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)
         if self.config.padded_vocab_size != self.config.vocab_size:

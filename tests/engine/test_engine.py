@@ -1,0 +1,175 @@
+"""The engine against single-prompt `infer.generate`: mixed batches, prefix cache, logprobs, sampling."""
+
+import copy
+
+import pytest
+import torch
+from engine_helpers import alone, prompts, tiny_model
+
+from lmstack.engine import LLM, EngineConfig, EngineCore, SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral"])
+def test_mixed_batch_equals_each_prompt_alone(family, overlap):
+    """Arrivals over time, prompts longer than the step budget (chunked), a pool too small for all."""
+    model = tiny_model(family)
+    core = EngineCore(model, config=EngineConfig(block_size=4, num_blocks=20, max_num_batched_tokens=16,
+                                                 max_num_seqs=4, async_scheduling=overlap))
+    schedule_log = []
+    schedule = core.scheduler.schedule
+
+    def logged():
+        out = schedule()
+        schedule_log.append([(s.start, s.num_tokens, s.seq.num_prompt_tokens) for s in out.scheduled])
+        return out
+
+    core.scheduler.schedule = logged
+    fed_steps = []
+    run = core.runner.run
+    core.runner.run = lambda scheduled, keep, fed=None: fed_steps.append(fed is not None) or run(scheduled, keep, fed)
+    ps = prompts([3, 9, 26, 14, 5, 33], seed=1)
+    max_tokens = [12, 6, 10, 16, 8, 5]
+    arrivals = {0: [0, 1, 2], 3: [3, 4], 7: [5]}  # step -> prompts submitted before it
+    results, step = {}, 0
+    while step <= max(arrivals) or core.has_unfinished():
+        for i in arrivals.get(step, []):
+            core.add_request(ps[i], SamplingParams(max_tokens=max_tokens[i], **GREEDY), request_id=str(i))
+        for out in core.step():
+            results[int(out.request_id)] = out.outputs[0].token_ids
+        step += 1
+    stats = core.stats()
+    assert stats.num_preemptions_total > 0
+    assert any(start > 0 and n > 1 and start < total for step in schedule_log for start, n, total in step)  # chunks
+    assert any({n == 1 for _, n, _ in step} == {True, False} for step in schedule_log)  # decode + prefill mixed
+    assert stats.kv_blocks_used == 0
+    assert any(fed_steps) == overlap  # async: decodes were fed tokens that were still on the device
+    for i, p in enumerate(ps):
+        assert results[i] == alone(model, p, max_tokens[i]).outputs[0].token_ids, f"request {i}"
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_prefix_cache_computes_only_uncached_tokens(overlap):
+    model = tiny_model("qwen3")
+    bs = 4
+    core = EngineCore(model, config=EngineConfig(block_size=bs, num_blocks=64, async_scheduling=overlap))
+    shared, tail_a, tail_b = prompts([3 * bs, 5, 7], seed=2)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    core.add_request(shared + tail_a, params)
+    while core.has_unfinished():
+        core.step()
+    before = core.stats()
+    b = shared + tail_b
+    core.add_request(b, params)
+    outs = []
+    while core.has_unfinished():
+        outs += core.step()
+    after = core.stats()
+    # Only the 7 uncached prompt tokens are prefilled, then one token per decode step.
+    assert after.computed_tokens_total - before.computed_tokens_total == len(tail_b) + (6 - 1)
+    assert outs[0].num_cached_tokens == 3 * bs
+    assert after.prefix_cache_hits_total - before.prefix_cache_hits_total == 3 * bs
+    assert outs[0].outputs[0].token_ids == alone(model, b, 6).outputs[0].token_ids
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_prompt_logprobs_equal_full_forward(overlap):
+    model = tiny_model("llama")
+    llm = LLM(model, block_size=4, num_blocks=64, max_num_batched_tokens=8,  # the prompt is cut into chunks
+              async_scheduling=overlap)
+    (prompt,) = prompts([30], seed=3)
+    llm.generate([prompt], SamplingParams(max_tokens=2, **GREEDY))  # its blocks are now cached
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, prompt_logprobs=3, logprobs=2, **GREEDY))[0]
+    generated = out.outputs[0].token_ids
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([prompt + generated])).logits[0].float(), dim=-1)
+    expected = full[:-1].gather(1, torch.tensor(prompt + generated)[1:, None]).squeeze(1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    assert torch.allclose(torch.tensor(out.prompt_logprobs[1:]), expected[: len(prompt) - 1], atol=1e-4, rtol=0)
+    top = full[: len(prompt) - 1].topk(3, dim=-1)
+    for t, alternatives in enumerate(out.prompt_top_logprobs[1:]):
+        assert list(alternatives) == top.indices[t].tolist()
+        assert torch.allclose(torch.tensor(list(alternatives.values())), top.values[t], atol=1e-4, rtol=0)
+    gen_lp = torch.tensor(out.outputs[0].logprobs)
+    assert torch.allclose(gen_lp, expected[len(prompt) - 1:], atol=1e-4, rtol=0)
+    assert all(len(t) == 2 for t in out.outputs[0].top_logprobs)
+
+
+def test_sampling_options_match_infer_generate():
+    """Seeded sampling with penalties gives infer.generate's tokens, alone or sharing a batch (n=2)."""
+    model = tiny_model("qwen2")
+    ps = prompts([6, 11, 4], seed=4)
+    options = dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5,
+                   frequency_penalty=0.3, min_tokens=3, seed=11, ignore_eos=False)
+    llm = LLM(model, block_size=4, num_blocks=64)
+    outs = llm.generate(ps, [SamplingParams(max_tokens=10, n=2, **options), SamplingParams(max_tokens=7, **GREEDY),
+                             SamplingParams(max_tokens=9, temperature=1.0, seed=3)])
+    ref = alone(model, ps[0], 10, n=2, **options)
+    assert [c.token_ids for c in outs[0].outputs] == [c.token_ids for c in ref.outputs]
+    assert outs[0].outputs[0].token_ids != outs[0].outputs[1].token_ids
+    ref2 = alone(model, ps[2], 9, temperature=1.0, seed=3, ignore_eos=False)
+    assert outs[2].outputs[0].token_ids == ref2.outputs[0].token_ids
+    overlapped = LLM(model, block_size=4, num_blocks=64, async_scheduling=True)  # no penalties: overlapped steps
+    outs = overlapped.generate(ps[1:], [SamplingParams(max_tokens=7, **GREEDY), SamplingParams(max_tokens=9,
+                                                                                               temperature=1.0, seed=3)])
+    assert overlapped.engine.async_scheduling and outs[1].outputs[0].token_ids == ref2.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_stop_token_ids_and_finish_reasons(overlap):
+    model = tiny_model("gpt2")
+    (prompt,) = prompts([8], seed=5)
+    greedy = alone(model, prompt, 8).outputs[0].token_ids
+    stop = greedy[3]
+    first = greedy.index(stop)
+    llm = LLM(model, block_size=4, num_blocks=32, async_scheduling=overlap)
+    a, b = llm.generate([prompt, prompt], [SamplingParams(max_tokens=8, stop_token_ids=[stop], **GREEDY),
+                                           SamplingParams(max_tokens=8, **GREEDY)])
+    assert a.outputs[0].token_ids == greedy[: first + 1]
+    assert (a.outputs[0].finish_reason, a.outputs[0].stop_reason) == ("stop", stop)
+    assert (b.outputs[0].token_ids, b.outputs[0].finish_reason) == (greedy, "length")
+    assert llm.stats().requests_finished_total == {"stop": 1, "length": 1}
+    assert llm.stats().kv_blocks_used == 0 and not llm.engine.has_unfinished()
+
+
+def _text_setup():
+    from lmstack.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(["the cat sat on the mat. a dog ran to the park!"] * 20, 300,
+                                special_tokens=["<|eos|>"], bos_token=None, pad_token=None)
+    return tiny_model("llama", vocab_size=tokenizer.vocab_size), tokenizer
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_text_prompts_and_stop_strings_match_infer_generate(overlap):
+    model, tokenizer = _text_setup()
+    prompt = "the cat sat on"
+    full = alone(model, prompt, 12, tokenizer=tokenizer).outputs[0]
+    stop = full.text[len(full.text) // 2:][:3]  # a string that occurs in the greedy continuation
+    llm = LLM(model, tokenizer, block_size=4, num_blocks=64, async_scheduling=overlap)
+    a, b = llm.generate([prompt, prompt], [SamplingParams(max_tokens=12, **GREEDY),
+                                           SamplingParams(max_tokens=12, stop=[stop], **GREEDY)])
+    assert (a.prompt, a.outputs[0].text, a.outputs[0].token_ids) == (prompt, full.text, full.token_ids)
+    expected = alone(model, prompt, 12, tokenizer=tokenizer, stop=[stop]).outputs[0]
+    assert stop not in b.outputs[0].text and b.outputs[0].text == expected.text
+    assert (b.outputs[0].finish_reason, b.outputs[0].stop_reason) == ("stop", stop)
+
+
+@pytest.mark.cuda
+def test_llm_on_cuda_equals_each_prompt_alone():
+    """Triton attention + CUDA graphs, fp32, preemptions; then a pool sized from gpu_memory_utilization."""
+    cpu_model = tiny_model("qwen3")
+    model = copy.deepcopy(cpu_model).cuda()
+    ps = prompts([3, 9, 26, 14, 5, 33], seed=1)
+    llm = LLM(model, block_size=4, num_blocks=24, max_num_batched_tokens=16, max_num_seqs=4)
+    assert llm.engine.runner.backend == "triton" and llm.engine.runner.graphs
+    outs = llm.generate(ps, SamplingParams(max_tokens=10, **GREEDY))
+    assert llm.stats().num_preemptions_total > 0
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == alone(cpu_model, p, 10).outputs[0].token_ids
+    sized = LLM(model, gpu_memory_utilization=0.3, block_size=256, max_num_seqs=16)
+    assert sized.stats().kv_blocks_total > 100
+    again = sized.generate(ps, SamplingParams(max_tokens=10, **GREEDY))
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
