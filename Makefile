@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint bench clean
+.PHONY: install quickstart test lint bench clean
 
 install: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/lmstack quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not cuda" $(PYTEST_ARGS)

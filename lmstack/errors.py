@@ -27,3 +27,7 @@ class DataError(LmstackError):
 
 class RequestError(LmstackError, ValueError):
     """A generation request that can never be served (too long for the context or the KV pool)."""
+
+
+class TrainingError(LmstackError):
+    """A training run cannot go on (e.g. the loss stayed non-finite); the message names the last good checkpoint."""

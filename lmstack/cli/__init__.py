@@ -13,7 +13,9 @@ import sys
 from lmstack.cli.convert import convert
 from lmstack.cli.data import data_prepare, tokenizer_train
 from lmstack.cli.infer import chat, generate, quantize
+from lmstack.cli.quickstart import quickstart
 from lmstack.cli.serve import serve
+from lmstack.cli.train import finetune, pretrain
 from lmstack.errors import LmstackError
 
 
@@ -27,6 +29,9 @@ def commands() -> dict:
         "generate": generate,
         "chat": chat,
         "quantize": quantize,
+        "quickstart": quickstart,
+        "pretrain": pretrain,
+        "finetune": finetune,
     }
 
 

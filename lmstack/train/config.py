@@ -1,0 +1,183 @@
+"""`TrainConfig`: every option of a training run, one dataclass for pretraining and fine-tuning.
+
+Each field is also a CLI flag and a key of `--config file.yaml` (the CLI builds its commands
+from this dataclass), so a run is fully described by one YAML file that is saved beside every
+checkpoint. `validate()` checks ranges before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmstack.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (pretraining or full fine-tuning).
+
+    Args:
+        model: A preset name (fresh weights, e.g. tiny-llama, gpt2, llama-3.2-1b) or a Hugging Face model directory (continued pretraining / fine-tuning).
+        data: Pretraining: a directory of token shards from `lmstack data prepare`. Fine-tuning: a chat JSONL file.
+        out_dir: Where checkpoints, metrics.jsonl, loss.png, report.md and the final model (out_dir/model) go.
+        task: pretrain (next-token loss on every token) or sft (loss on assistant tokens only).
+        model_overrides: ModelConfig fields to change on a preset, e.g. {num_layers: 4, hidden_size: 256}.
+        val_data: Validation data: pretraining, a prepared directory (default: the data's val split); fine-tuning, a chat JSONL file.
+        tokenizer: Directory with tokenizer.json; default: the data directory's, then the model directory's.
+        seq_len: Tokens per training sequence (must fit the model's max_position_embeddings).
+        batch_size: Sequences per micro-batch on each device.
+        grad_accum: Micro-batches accumulated per optimizer step.
+        max_steps: Optimizer steps to train for.
+        lr: Peak learning rate.
+        min_lr: Learning rate at the end of the decay.
+        schedule: cosine (warmup, cosine decay), wsd (warmup, stable, linear decay) or constant (after warmup).
+        warmup_steps: Linear warmup steps.
+        decay_steps: Cosine: step where the decay reaches min_lr (default: max_steps). WSD: length of the final decay (default: 20% of max_steps).
+        weight_decay: AdamW weight decay of matrices (norms, biases and embeddings are never decayed unless decay_embeddings).
+        decay_embeddings: Also decay embedding tables (nanoGPT does; used to reproduce it).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        adam_eps: AdamW epsilon.
+        grad_clip: Clip the global gradient norm to this value (0 disables).
+        dropout: Dropout probability; default: the model's own (0 for presets).
+        precision: auto (bf16 on GPUs that have it, fp16 with a gradient scaler on older GPUs, fp32 on CPU), bf16, fp16 or fp32.
+        compile: torch.compile the model; default: on for CUDA, off on CPU.
+        compile_mode: torch.compile mode: default, max-autotune-no-cudagraphs (slower to compile, may run faster), reduce-overhead or max-autotune.
+        activation_checkpointing: Recompute activations in the backward pass to save memory.
+        pad_vocab_to_multiple: Pad the embedding rows to a multiple of this for speed (outputs and saved files unchanged).
+        distributed: How to split work under torchrun: ddp (replicate) or fsdp (FSDP2, shard parameters).
+        device: auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK).
+        seed: Random seed (initialisation, data order, dropout).
+        eval_every: Evaluate validation loss every this many steps (0: only at the end).
+        eval_batches: Validation batches per evaluation.
+        sample_every: Print a sample generation every this many steps (0: only at the end).
+        sample_prompt: The fixed prompt of sample generations.
+        sample_tokens: Tokens generated per sample.
+        save_every: Write a checkpoint every this many steps (0: only at the end).
+        keep_last: Keep this many newest checkpoints.
+        resume: Continue from the newest complete checkpoint in out_dir/checkpoints.
+        max_nonfinite_steps: Stop after this many non-finite losses in a row (each one skips its step).
+        log_every: Write metrics.jsonl and refresh the progress bar every this many steps.
+        pack: Fine-tuning: pack several conversations into each sequence.
+        progress: Show a progress bar.
+        tensorboard: Also log to out_dir/tensorboard when tensorboard is installed.
+    """
+
+    model: str = "tiny-llama"
+    data: str | None = None
+    out_dir: str = "runs/train"
+    task: Literal["pretrain", "sft"] = "pretrain"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    val_data: str | None = None
+    tokenizer: str | None = None
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    dropout: float | None = None
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool | None = None
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    activation_checkpointing: bool = False
+    pad_vocab_to_multiple: int = 64
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 250
+    eval_batches: int = 20
+    sample_every: int = 0
+    sample_prompt: str = "The"
+    sample_tokens: int = 48
+    save_every: int = 500
+    keep_last: int = 2
+    resume: bool = False
+    max_nonfinite_steps: int = 5
+    log_every: int = 10
+    pack: bool = True
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- checks -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first option that is out of range."""
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "pad_vocab_to_multiple", "keep_last",
+                    "max_nonfinite_steps", "log_every", "eval_batches", "sample_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "sample_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "adam_eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr={self.min_lr} is above lr={self.lr}; the schedule decays from lr to min_lr")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ConfigError(f"decay_steps must be positive or unset, got {self.decay_steps!r}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        choices = {"task": ("pretrain", "sft"), "schedule": ("cosine", "wsd", "constant"),
+                   "precision": ("auto", "bf16", "fp16", "fp32"), "distributed": ("ddp", "fsdp"),
+                   "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not isinstance(self.model_overrides, dict):
+            raise ConfigError(f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping; an unknown key is a ConfigError listing the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known options: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of training options, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,414 @@
+"""`Trainer`: the one training loop for causal-LM pretraining and supervised fine-tuning.
+
+Setup checks everything a user can get wrong (data, options, context length, the shape of a
+checkpoint to resume) before any work starts. Each step accumulates micro-batches with every
+loss token weighted equally across micro-batches and ranks, so k micro-batches, k ranks, or one
+batch k times larger give the same update. State needed for an exact resume (optimizer, step,
+data position, every RNG) is saved beside an HF model directory by `checkpoint/state.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmstack.checkpoint.state import (
+    check_same_shape,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    publish_directory,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from lmstack.errors import CheckpointError, ConfigError, DataError, TrainingError
+from lmstack.model.transformer import Transformer
+from lmstack.train import distributed as D
+from lmstack.train.batches import Batch, open_pretraining_data, open_sft_data
+from lmstack.train.config import TrainConfig
+from lmstack.train.logging import RunLogger, peak_flops, plot_losses, read_metrics, write_report
+from lmstack.train.model_setup import build_model, load_tokenizer, model_config_for, resolve_precision
+from lmstack.train.optim import build_optimizer, lr_at
+from lmstack.train.rng import get_rng_state, seed_everything, set_rng_state
+
+
+class Trainer:
+    """Train `config.model` on `config.data`; `fit()` runs to `max_steps` and returns a summary.
+
+    `model`, `tokenizer`, `train_data` and `val_data` may be passed in (Python API, tests);
+    datasets need `next_batch(batch_size)`, `state_dict()`, `load_state_dict()` and, for
+    validation, `iter_eval_batches(batch_size, max_batches)`.
+    """
+
+    def __init__(self, config: TrainConfig, *, model: Transformer | None = None, tokenizer=None,
+                 train_data=None, val_data=None):
+        config.validate()
+        self.config = c = config
+        self.out_dir = Path(c.out_dir)
+        self.dist = D.setup(c.device)
+        self.device = self.dist.device
+        self.precision = resolve_precision(c.precision, self.device)
+        if self.device.type == "cuda":  # TF32 for the few float32 matmuls left outside autocast
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        rank, world = self.dist.rank, self.dist.world_size
+        if train_data is None and c.task == "pretrain":
+            train_data, val_data = open_pretraining_data(c.data, c.seq_len, rank, world, c.seed, c.val_data)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c, train_data)
+        if train_data is None:
+            train_data, val_data = open_sft_data(c.data, c.val_data, self.tokenizer, c.seq_len, c.pack,
+                                                 rank, world, c.seed)
+        self.train_data, self.val_data = train_data, val_data
+        self.model_config = model_config_for(c, model, getattr(train_data, "vocab_size", None), self.tokenizer)
+        if c.seq_len > self.model_config.max_position_embeddings:
+            raise ConfigError(
+                f"seq_len={c.seq_len} does not fit the model's context (max_position_embeddings="
+                f"{self.model_config.max_position_embeddings}); lower --seq_len"
+            )
+        self.resume_from, state = self._find_resume()
+
+        seed_everything(c.seed)
+        raw = build_model(c, self.model_config, model, self.resume_from, self.device)
+        raw.gradient_checkpointing = c.activation_checkpointing
+        self.flops_per_token = raw.flops_per_token(c.seq_len)
+        self.num_parameters = raw.num_parameters()
+        self.raw_model = D.wrap_model(raw, c.distributed, self.dist) if c.distributed == "fsdp" else raw
+        self.optimizer = build_optimizer(self.raw_model, c, self.device)
+        use_compile = c.compile if c.compile is not None else self.device.type == "cuda"
+        model = torch.compile(self.raw_model, mode=c.compile_mode) if use_compile else self.raw_model
+        self.model = D.wrap_model(model, "ddp", self.dist) if c.distributed == "ddp" else model
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step, self.tokens_seen, self.nonfinite_in_a_row, self.elapsed_s = 0, 0, 0, 0.0
+        seed_everything(c.seed + rank)  # ranks draw different dropout masks; init above was identical
+        if state is not None:
+            self._load_state(state)
+        self.tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * world
+        self.peak_flops = peak_flops(self.device, self.precision)
+        self.last_val: dict[str, float] | None = None
+        self.last_sample: str | None = None
+        self.last_saved_step = self.step if state is not None else -1
+        self.grad_norm: torch.Tensor | None = None
+        self.log = RunLogger(self.out_dir, False, c.max_steps, self.step)  # replaced by fit()
+
+    # ---- setup helpers ----------------------------------------------------------------------
+    def _find_resume(self) -> tuple[Path | None, dict[str, Any] | None]:
+        c = self.config
+        existing = list_checkpoints(c.out_dir)
+        if not c.resume:
+            if existing:
+                raise ConfigError(
+                    f"{c.out_dir} already has checkpoints of an earlier run (newest: {existing[-1][1].name}); "
+                    "pass --resume true to continue it, or choose another --out_dir"
+                )
+            return None, None
+        path = latest_checkpoint(c.out_dir)
+        if path is None:
+            return None, None  # nothing to resume: a fresh start (so --resume is safe to always pass)
+        from lmstack.checkpoint.hf_config import read_config
+
+        check_same_shape(read_config(path), self.model_config, path)
+        state = load_trainer_state(path)
+        if state.get("world_size") != self.dist.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "
+                f"{self.dist.world_size}; each process resumes its own data position, so use the same count"
+            )
+        return path, state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        D.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.train_data.load_state_dict(state["data"][self.dist.rank])
+        set_rng_state(state["rng"][self.dist.rank], self.device)
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        c, d = self.config, self.dist
+        if d.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(c.out_dir)
+        self.log = RunLogger(self.out_dir, d.is_main, c.max_steps, self.step, c.progress, c.tensorboard)
+        if self.resume_from is not None:
+            self.log.message(f"resuming from {self.resume_from} (step {self.step})")
+        stats = getattr(self.train_data, "stats", None)  # SFT data reports what it kept and cut
+        if stats is not None and getattr(stats, "truncated", 0):
+            self.log.message(f"note: {stats.truncated} of {stats.examples} conversations were longer than "
+                             f"seq_len={c.seq_len} and were truncated ({stats.without_trained_tokens} lost every "
+                             "assistant token); raise --seq_len to keep them whole")
+        self.model.train()
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        try:
+            while self.step < c.max_steps:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                self.elapsed_s += time.perf_counter() - t0
+                window_tokens += self.tokens_per_step
+                window_steps += 1
+                if self.step % c.log_every == 0 or self.step == c.max_steps:
+                    dt = time.perf_counter() - window_start
+                    self._log_train(loss, window_tokens / dt, dt / window_steps)
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                paused = time.perf_counter()
+                self._periodic()
+                window_start += time.perf_counter() - paused  # evals and saves do not count against tokens/s
+            return self._finish()
+        finally:
+            self.log.close()
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss (nan if skipped)."""
+        c = self.config
+        lr = lr_at(self.step, c)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [Batch.of(self.train_data.next_batch(c.batch_size)) for _ in range(c.grad_accum)]
+        mean_loss = self.accumulate_gradients(batches)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        if not math.isfinite(mean_loss):
+            self._skip_step(mean_loss, lr)
+            return mean_loss
+        self.nonfinite_in_a_row = 0
+        self.optimizer_step()
+        return mean_loss
+
+    def accumulate_gradients(self, batches: list[Batch]) -> float:
+        """Forward and backward over micro-batches; the gradient is that of the mean loss over every
+        loss token of the step (all micro-batches, all ranks). Returns that mean loss."""
+        d = self.dist
+        batches = [b.to(self.device) for b in batches]
+        for b in batches:
+            self._check_batch(b)
+        counts = [b.num_targets() for b in batches]
+        total = d.all_reduce_sum(torch.stack(counts).sum().float()).clamp(min=1)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            with D.gradient_sync(self.model, self.raw_model, i == len(batches) - 1), self.autocast():
+                out = self.model(**batch.model_inputs())
+                # this micro-batch's summed token losses over all loss tokens of the step; times
+                # world_size because DDP and FSDP average gradients over ranks
+                loss = out.ce_loss * (counts[i] * d.world_size / total)
+                if out.aux_loss is not None:
+                    loss = loss + self.model_config.router_aux_loss_coef * out.aux_loss / len(batches)
+            self.scaler.scale(loss).backward()
+            loss_sum += out.ce_loss.detach().float() * counts[i]
+        return (d.all_reduce_sum(loss_sum) / total).item()
+
+    def optimizer_step(self) -> None:
+        """Unscale (fp16), clip, step, zero the gradients."""
+        self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
+            self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _skip_step(self, loss: float, lr: float) -> None:
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.log.message(f"warning: step {self.step}: loss is {loss}; skipped the update "
+                         f"({self.nonfinite_in_a_row} in a row, stopping at {c.max_nonfinite_steps})")
+        self.log.log({"step": self.step, "loss": None, "skipped": True, "lr": lr})
+        if self.nonfinite_in_a_row >= c.max_nonfinite_steps:
+            kept = latest_checkpoint(c.out_dir)
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {self.step}); stopped. "
+                f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Lower --lr, "
+                "raise --warmup_steps or use --precision bf16/fp32, then --resume true"
+            )
+
+    def _check_batch(self, batch: Batch) -> None:
+        if batch.input_ids.shape[1] > self.model_config.max_position_embeddings:
+            raise DataError(
+                f"a batch of {batch.input_ids.shape[1]} tokens does not fit the model's context of "
+                f"{self.model_config.max_position_embeddings}; lower --seq_len"
+            )
+
+    def _log_train(self, loss: float, tokens_per_s: float, step_s: float) -> None:
+        record: dict[str, Any] = {"step": self.step, "loss": loss if math.isfinite(loss) else None,
+                                  "lr": lr_at(self.step - 1, self.config), "tokens": self.tokens_seen,
+                                  "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 5)}
+        if self.grad_norm is not None:
+            record["grad_norm"] = float(self.grad_norm)
+        postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if self.peak_flops:
+            record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
+            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+        self.log.log(record)
+        self.log.progress(self.step, **postfix)
+
+    def _periodic(self) -> None:
+        c, last = self.config, self.step == self.config.max_steps
+        if c.eval_every and self.step % c.eval_every == 0 and not last:
+            self.evaluate_and_log()
+        if c.sample_every and self.step % c.sample_every == 0 and not last:
+            self.sample_and_log()
+        if c.save_every and self.step % c.save_every == 0 and not last and not self.nonfinite_in_a_row:
+            self.save_checkpoint()
+
+    def _finish(self) -> dict[str, Any]:
+        c = self.config
+        if self.val_data is not None and (self.last_val is None or self.last_val["step"] != self.step):
+            self.evaluate_and_log()
+        if self.tokenizer is not None:
+            self.sample_and_log()
+        if self.last_saved_step != self.step:
+            self.save_checkpoint()
+        model_dir = self.export_model(self.out_dir / "model")
+        summary = self.summary(model_dir)
+        if self.dist.is_main:
+            records = read_metrics(self.out_dir / "metrics.jsonl")
+            plot_losses(records, self.out_dir / "loss.png", title=f"{c.model} ({c.task})")
+            write_report(self.out_dir / "report.md", summary, self.last_sample)
+        self.dist.barrier()
+        return summary
+
+    # ---- evaluation and samples -------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation loss (mean over loss tokens) and perplexity, or None without validation data."""
+        if self.val_data is None:
+            return None
+        c, d = self.config, self.dist
+        batches = list(self.val_data.iter_eval_batches(c.batch_size, max_batches=c.eval_batches))
+        n = d.all_reduce_min(len(batches))
+        if n == 0:
+            return None
+        self.model.eval()
+        total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        total_count = torch.zeros((), device=self.device, dtype=torch.float64)
+        try:
+            for raw in batches[:n]:
+                batch = Batch.of(raw).to(self.device)
+                with self.autocast():
+                    out = self.model(**batch.model_inputs())
+                count = batch.num_targets()
+                total_loss += out.ce_loss.double() * count
+                total_count += count
+        finally:
+            self.model.train()
+        d.all_reduce_sum(total_loss)
+        d.all_reduce_sum(total_count)
+        loss = (total_loss / total_count.clamp(min=1)).item()
+        return {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+
+    def evaluate_and_log(self) -> None:
+        result = self.evaluate()
+        if result is None:
+            return
+        self.last_val = result
+        self.log.log(result)
+        self.log.message(f"step {self.step}: val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
+
+    def sample_and_log(self) -> None:
+        if self.tokenizer is None or not (self.dist.is_main or D.is_fsdp(self.raw_model)):
+            return  # under FSDP every rank runs the forward (parameters are sharded); else rank 0 alone
+        from lmstack.infer.decoder import Decoder
+        from lmstack.infer.generate import generate
+        from lmstack.infer.params import GenerationConfig
+
+        c = self.config
+        room = self.model_config.max_position_embeddings - len(self.tokenizer.encode(c.sample_prompt, True))
+        if room < 1:
+            return  # the prompt alone fills the context
+        # eager decoding with its own seeded generator: the training RNG stream is left untouched
+        options = GenerationConfig(temperature=0.8, top_k=50, max_new_tokens=min(c.sample_tokens, room), seed=c.seed)
+        self.raw_model.eval()  # no dropout; float32 weights, so no autocast (the KV cache is float32 too)
+        try:
+            out = generate(self.raw_model, c.sample_prompt, options, self.tokenizer, decoder=Decoder(self.raw_model))
+        finally:
+            self.raw_model.train()
+        text = c.sample_prompt + (out[0].outputs[0].text or "")
+        self.last_sample = text
+        self.log.message(f"step {self.step} sample: {text!r}")
+        self.log.log({"step": self.step, "sample": text})
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _model_writer(self):
+        """A function writing the HF directory (rank 0), after gathering FSDP shards on every rank."""
+        if not D.is_fsdp(self.raw_model):
+            model = self.raw_model
+        else:
+            full = D.full_model_state(self.raw_model, self.dist)
+            model = None
+            if self.dist.is_main:
+                with torch.device("meta"):
+                    model = Transformer(self.model_config)
+                model.load_state_dict(full, assign=True)
+                model.tie_weights()
+        return lambda directory: model.save_pretrained(directory, tokenizer=self.tokenizer)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write out_dir/checkpoints/step-N atomically (collective: every rank must call it)."""
+        c, d = self.config, self.dist
+        write_model = self._model_writer()
+        optimizer = D.full_optimizer_state(self.raw_model, self.optimizer)
+        data_states = d.gather_objects(self.train_data.state_dict())
+        rng_states = d.gather_objects(get_rng_state(self.device))
+        path = None
+        if d.is_main:
+            import yaml
+
+            state = {"step": self.step, "tokens": self.tokens_seen, "optimizer": optimizer,
+                     "scaler": self.scaler.state_dict(), "data": data_states, "rng": rng_states,
+                     "world_size": d.world_size, "model_config": self.model_config.to_dict(),
+                     "train_config": c.to_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                     "elapsed_s": self.elapsed_s}
+            path = save_checkpoint(c.out_dir, self.step, write_model, state,
+                                   yaml.safe_dump(c.to_dict(), sort_keys=False), c.keep_last)
+        self.last_saved_step = self.step
+        d.barrier()
+        return path
+
+    def export_model(self, directory: Path) -> Path:
+        """The trained model as an HF directory (with the tokenizer), replacing an older export atomically."""
+        write_model = self._model_writer()
+        if self.dist.is_main:
+            tmp = directory.with_name(f".tmp-{directory.name}")
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_model(tmp)
+            publish_directory(tmp, directory)
+        self.dist.barrier()
+        return directory
+
+    def summary(self, model_dir: Path) -> dict[str, Any]:
+        c = self.config
+        records = read_metrics(self.out_dir / "metrics.jsonl") if self.dist.is_main else []
+        losses = [r["loss"] for r in records if r.get("loss") is not None]
+        speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+        out: dict[str, Any] = {
+            "model": c.model, "task": c.task, "parameters": f"{self.num_parameters / 1e6:.2f}M",
+            "steps": self.step, "tokens": self.tokens_seen, "train time (s)": round(self.elapsed_s, 1),
+            "devices": f"{self.dist.world_size} x {self.device.type}", "precision": self.precision,
+            "final train loss": losses[-1] if losses else None,
+            "tokens/s (median)": sorted(speeds)[len(speeds) // 2] if speeds else None,
+        }
+        if self.peak_flops and speeds:
+            out["MFU"] = f"{100 * self.flops_per_token * out['tokens/s (median)'] / (self.peak_flops * self.dist.world_size):.1f}%"
+        if self.last_val is not None:
+            out["val loss"] = self.last_val["val_loss"]
+            out["val perplexity"] = self.last_val["val_ppl"]
+        out["model directory"] = str(model_dir)
+        return out
+
+    def close(self) -> None:
+        self.dist.close()

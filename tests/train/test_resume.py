@@ -1,0 +1,59 @@
+"""Exact resume: a run killed with SIGKILL and resumed logs the same loss at every step as one that never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+from toy_data import ToyTokenDataset
+from train_helpers import RESUME_RUN, losses, tiny_config
+
+from lmstack.train import Trainer
+
+DRIVER = Path(__file__).with_name("resume_driver.py")
+
+
+def run_in_process(out_dir: Path) -> Trainer:
+    config = tiny_config(out_dir, **RESUME_RUN)
+    trainer = Trainer(config, train_data=ToyTokenDataset(config.seq_len),
+                      val_data=ToyTokenDataset(config.seq_len, split="val"))
+    trainer.fit()
+    return trainer
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    run_in_process(reference)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    proc = subprocess.Popen([sys.executable, str(DRIVER), str(killed), "0.15"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "metrics.jsonl").is_file() and max(losses(killed), default=0) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (killed / "model").exists()  # it really died mid-training
+    done_before_kill = max(losses(killed))
+
+    resumed = run_in_process(killed)
+    assert resumed.resume_from is not None
+    resumed_at = int(resumed.resume_from.name.split("-")[1])
+    assert 0 < resumed_at < done_before_kill <= 12
+
+    expected, got = losses(reference), losses(killed)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    a = load_file(reference / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    assert all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)

@@ -1,0 +1,80 @@
+"""Bad input gives a clear LmstackError naming the option, file or value, before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy_data import ToyTokenDataset
+from train_helpers import ListData, tiny_config, toy_trainer
+
+import lmstack
+from lmstack.cli import main
+from lmstack.errors import CheckpointError, ConfigError, DataError
+from lmstack.train import TrainConfig, Trainer
+
+
+def test_unknown_config_key_in_yaml_is_rejected_by_the_cli(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"out_dir: {tmp_path / 'out'}\nlerning_rate: 0.1\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--config", str(config)])
+    assert exc.value.code == 2
+    assert "lerning_rate" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_in_python_config(tmp_path):
+    (tmp_path / "run.yaml").write_text("lr: 0.1\nwarmup: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown training option\(s\) \['warmup'\].*warmup_steps"):
+        TrainConfig.from_yaml(tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match="model_overrides.*unknown ModelConfig field.*num_layer"):
+        toy_trainer(tmp_path, model_overrides={"num_layer": 3})
+
+
+def test_missing_data_directory(tmp_path, capsys):
+    code = main(["pretrain", "--data", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data directory" in err and "nowhere" in err and "does not exist" in err and "lmstack data prepare" in err
+    assert not (tmp_path / "out").exists()
+    code = main(["finetune", "--model", "tiny-llama", "--data", str(tmp_path / "chats.jsonl")])
+    assert code == 2 and "chats.jsonl does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lr=-1.0), "lr must be >= 0"), (dict(min_lr=0.1, lr=0.01), "min_lr=0.1 is above lr=0.01"),
+    (dict(batch_size=0), "batch_size must be a positive integer"), (dict(schedule="linear"), "schedule='linear'"),
+])
+def test_out_of_range_options(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, **change)
+
+
+def test_batch_that_does_not_fit_the_context(tmp_path):
+    with pytest.raises(ConfigError, match=r"seq_len=512 does not fit the model's context.*256"):
+        toy_trainer(tmp_path, seq_len=512)
+    # a loader that hands out longer rows than configured is stopped before the first update
+    long = torch.randint(0, 256, (2, 300))
+    trainer = Trainer(tiny_config(tmp_path), train_data=ListData([(long, long)]))
+    before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    with pytest.raises(DataError, match="a batch of 300 tokens does not fit the model's context of 256"):
+        trainer.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))
+
+
+def test_checkpoint_from_another_model_shape(tmp_path):
+    toy_trainer(tmp_path, max_steps=2).fit()
+    with pytest.raises(CheckpointError, match=r"step-00000002 is from another model shape: num_layers=2 in the "
+                                              r"checkpoint but 3 configured"):
+        toy_trainer(tmp_path, max_steps=4, resume=True, model_overrides={"num_layers": 3})
+    # and a finished run is not silently overwritten by a new one
+    with pytest.raises(ConfigError, match="already has checkpoints.*--resume true"):
+        toy_trainer(tmp_path, max_steps=4)
+
+
+def test_data_vocabulary_larger_than_the_model(tmp_path):
+    model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(DataError, match="vocabulary of 300 tokens but model .* has vocab_size=256"):
+        Trainer(tiny_config(tmp_path / "out", model=str(tmp_path / "m")),
+                train_data=ToyTokenDataset(16, vocab_size=300))
