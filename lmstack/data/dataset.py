@@ -1,9 +1,11 @@
 """TokenDataset: fixed-length training windows from prepared shards, resumable and rank-disjoint.
 
 Sampling. The split's shards form one token stream of N tokens. An epoch cuts it into
-W = (N - 1 - o) // T windows of T + 1 tokens (x = first T, y = last T), starting at an offset
-o that is 0 in epoch 0 and drawn from the spare tokens after (seed, epoch) later, so window
-edges move between epochs. The window order is a permutation drawn from (seed, epoch); the
+W = (N - T) // T windows of T + 1 tokens (x = first T, y = last T), starting at an offset
+o that is 0 in epoch 0 and drawn uniformly from [0, N - 1 - W*T] (at least T - 1 spare
+tokens) after (seed, epoch) later, so every epoch cuts the text at new places. This matters:
+a small corpus is seen for many epochs, and windows that always start at the same tokens
+get memorised (nanoGPT's random offsets give the same variety; ours keep ranks disjoint). The window order is a permutation drawn from (seed, epoch); the
 i-th window a rank takes is perm[i * world_size + rank], so ranks never share a window and
 together cover the epoch. The position is (epoch, i): `state_dict()` saves it, and after
 `load_state_dict()` the batches continue exactly as an uninterrupted run would.
@@ -37,7 +39,11 @@ class TokenDataset:
         self.num_tokens = int(self.shard_starts[-1])
         self.vocab_size = int(self.index["vocab_size"])
         self.eos_token_id = int(self.index["eos_token_id"])
-        self.windows_per_epoch = (self.num_tokens - 1) // seq_len if self.num_tokens else 0
+        # One window fewer than fits, so the epoch offset can move the cut by up to seq_len - 1.
+        shiftable = (self.num_tokens - seq_len) // seq_len if self.num_tokens >= seq_len else 0
+        fitting = (self.num_tokens - 1) // seq_len if self.num_tokens else 0
+        self.windows_per_epoch = shiftable if shiftable >= world_size else fitting
+        self.eval_windows = fitting  # evaluation reads every whole window at offset 0
         if self.windows_per_epoch < world_size:
             raise DataError(
                 f"split {split!r} of {self.data_dir} has {self.num_tokens} tokens: too few for one window of "
@@ -97,7 +103,7 @@ class TokenDataset:
 
     def iter_eval_batches(self, batch_size: int, max_batches: int | None = None):
         """Windows 0, 1, 2, ... of the split (offset 0, no shuffle), this rank's share, in order."""
-        windows = range(self.rank, self.windows_per_epoch, self.world_size)
+        windows = range(self.rank, self.eval_windows, self.world_size)
         for n, first in enumerate(range(0, len(windows), batch_size)):
             if max_batches is not None and n >= max_batches:
                 return

@@ -43,11 +43,15 @@ class StaticKVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.key_positions = torch.full((batch_size, max_length), -1, device=device, dtype=torch.long)
         self.cursor = torch.zeros((), device=device, dtype=torch.long)  # next free slot
+        # next RoPE/learned position per row, kept up to date instead of reduced over the whole
+        # buffer every step (a max over key_positions fused into the embedding lookup crashed
+        # inductor's CUDA-graph decode for learned positions)
+        self.next_pos = torch.zeros((batch_size,), device=device, dtype=torch.long)
         self.slot_ids = torch.arange(max_length, device=device)
         self.windows = sorted({config.window_for_layer(i) for i in range(config.num_layers)},
                               key=lambda w: -1 if w is None else w)
         self.max_length = max_length
-        for t in [*self.k, *self.v, self.key_positions, self.cursor, self.slot_ids]:
+        for t in [*self.k, *self.v, self.key_positions, self.cursor, self.next_pos, self.slot_ids]:
             torch._dynamo.mark_static_address(t)  # CUDA graphs may keep pointing at these
         self._context: StaticContext | None = None
 
@@ -57,7 +61,7 @@ class StaticKVCache:
 
     def next_positions(self) -> torch.Tensor:
         """(B,) the RoPE position the next real token of each row gets."""
-        return self.key_positions.max(dim=1).values + 1
+        return self.next_pos.clone()
 
     def context(self, positions: torch.Tensor, attention_mask: torch.Tensor | None = None) -> StaticContext:
         """Reserve slots [cursor, cursor + T) for this forward and build its masks (tensor ops only)."""
@@ -65,6 +69,7 @@ class StaticKVCache:
         slots = self.cursor + torch.arange(T, device=positions.device)
         stored = positions if attention_mask is None else positions.masked_fill(~attention_mask.bool(), -1)
         self.key_positions.index_copy_(1, slots, stored)
+        self.next_pos.copy_(torch.maximum(self.next_pos, stored.max(dim=1).values + 1))
         self.cursor.add_(T)
         valid = self.key_positions >= 0
         masks = {w: build_mask(slots, self.slot_ids, positions, self.key_positions, w, k_valid=valid)
@@ -82,11 +87,13 @@ class StaticKVCache:
     def reset(self) -> None:
         self.key_positions.fill_(-1)
         self.cursor.zero_()
+        self.next_pos.zero_()
 
     def crop(self, length: int) -> None:
         """Forget every slot from `length` on (rejected speculative tokens, padded prefill tail)."""
         self.key_positions[:, length:] = -1
         self.cursor.fill_(length)
+        self.next_pos.copy_(self.key_positions.max(dim=1).values + 1)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i becomes old row rows[i] (beam search), in place so addresses stay fixed."""
@@ -94,3 +101,4 @@ class StaticKVCache:
             for t in buffers:
                 t.copy_(t.index_select(0, rows))
         self.key_positions.copy_(self.key_positions.index_select(0, rows))
+        self.next_pos.copy_(self.next_pos.index_select(0, rows))

@@ -38,7 +38,7 @@ def starts(x):
 
 def test_windows_are_shifted_slices_across_shards(counting):
     ds = TokenDataset(counting, seq_len=100)
-    assert ds.num_tokens == 10_001 and ds.vocab_size == 65536 and ds.windows_per_epoch == 100
+    assert ds.num_tokens == 10_001 and ds.vocab_size == 65536 and ds.windows_per_epoch == 99  # one window kept spare so epochs can shift the cut
     x, y = ds.next_batch(8)
     assert x.dtype == torch.int64 and x.shape == (8, 100)
     for row_x, row_y in zip(x, y):
@@ -60,22 +60,23 @@ def test_ranks_are_disjoint_and_cover_the_epoch(counting):
 
 def test_seeded_order_and_new_edges_each_epoch(counting):
     a, b, c = (TokenDataset(counting, 100, seed=s) for s in (1, 1, 2))
-    xa, xb, xc = a.next_batch(100)[0], b.next_batch(100)[0], c.next_batch(100)[0]
+    xa, xb, xc = a.next_batch(99)[0], b.next_batch(99)[0], c.next_batch(99)[0]
     assert torch.equal(xa, xb) and not torch.equal(xa, xc)
-    assert sorted(starts(xa)) == list(range(0, 10_000, 100))  # one epoch = every window once
+    assert sorted(starts(xa)) == list(range(0, 9_900, 100))  # one epoch = every window once
 
 
 
 def test_window_edges_move_between_epochs(tmp_path):
-    ds = TokenDataset(write_stream(tmp_path / "d", np.arange(10_050)), 100, seed=1)  # 50 spare tokens
+    ds = TokenDataset(write_stream(tmp_path / "d", np.arange(10_050)), 100, seed=1)  # 99 windows, 149 spare
     offsets = []
-    for epoch in range(4):
-        x = ds.next_batch(100)[0]
+    for epoch in range(6):
+        x = ds.next_batch(99)[0]
         offset = int(x[0, 0]) % 100
-        assert ds.epoch == epoch and all(s % 100 == offset for s in starts(x)) and offset <= 50
-        assert len(set(starts(x))) == 100
-        offsets.append(offset)
-    assert offsets[0] == 0 and any(offsets[1:])
+        assert ds.epoch == epoch and all(s % 100 == offset for s in starts(x)) and int(x[0, 0]) // 100 * 100 <= 10_050
+        assert len(set(starts(x))) == 99
+        assert max(starts(x)) + 101 <= 10_050  # every window fits
+        offsets.append(int(min(starts(x))))
+    assert offsets[0] == 0 and len(set(offsets[1:])) > 1  # cuts move across the whole window length
 
 
 def test_resume_continues_exactly(counting):

@@ -163,7 +163,7 @@ def test_llm_on_cuda_equals_each_prompt_alone():
     cpu_model = tiny_model("qwen3")
     model = copy.deepcopy(cpu_model).cuda()
     ps = prompts([3, 9, 26, 14, 5, 33], seed=1)
-    llm = LLM(model, block_size=4, num_blocks=24, max_num_batched_tokens=16, max_num_seqs=4)
+    llm = LLM(model, block_size=4, num_blocks=16, max_num_batched_tokens=16, max_num_seqs=4)  # 16 blocks force preemptions
     assert llm.engine.runner.backend == "triton" and llm.engine.runner.graphs
     outs = llm.generate(ps, SamplingParams(max_tokens=10, **GREEDY))
     assert llm.stats().num_preemptions_total > 0
