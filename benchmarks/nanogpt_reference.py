@@ -225,13 +225,14 @@ def train(train_data: np.ndarray, val_data: np.ndarray, vocab_size: int, s: Trai
 
     X, Y = get_batch("train")
     start = time.perf_counter()
-    iter_num, last_eval, train_time = 0, {}, 0.0
+    iter_num, last_eval, train_time, best_val = 0, {}, 0.0, float("inf")
     while True:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if iter_num % s.eval_interval == 0:
             last_eval = estimate_loss()
+            best_val = min(best_val, last_eval["val"])  # nanoGPT keeps the checkpoint of its best val loss
             log(f"nanoGPT step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
         if iter_num == s.max_iters:
             break  # nanoGPT trains one more step after its last eval; nothing it reports depends on it
@@ -253,5 +254,5 @@ def train(train_data: np.ndarray, val_data: np.ndarray, vocab_size: int, s: Trai
     if device_type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return {"val_loss": last_eval["val"], "train_loss": last_eval["train"], "wall_s": wall,
+    return {"val_loss": last_eval["val"], "best_val_loss": best_val, "train_loss": last_eval["train"], "wall_s": wall,
             "train_s": train_time, "model": model, "iters": s.max_iters}

@@ -90,6 +90,7 @@ class Trainer:
         self.tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * world
         self.peak_flops = peak_flops(self.device, self.precision)
         self.last_val: dict[str, float] | None = None
+        self.best_val: dict[str, float] | None = None  # lowest validation loss so far (and its step)
         self.last_sample: str | None = None
         self.last_saved_step = self.step if state is not None else -1
         self.grad_norm: torch.Tensor | None = None
@@ -314,6 +315,8 @@ class Trainer:
         if result is None:
             return
         self.last_val = result
+        if self.best_val is None or result["val_loss"] < self.best_val["val_loss"]:
+            self.best_val = result
         self.log.log(result)
         self.log.message(f"step {self.step}: val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
 
@@ -407,6 +410,8 @@ class Trainer:
         if self.last_val is not None:
             out["val loss"] = self.last_val["val_loss"]
             out["val perplexity"] = self.last_val["val_ppl"]
+            out["best val loss"] = self.best_val["val_loss"]
+            out["best val step"] = self.best_val["step"]
         out["model directory"] = str(model_dir)
         return out
 
