@@ -8,6 +8,7 @@ modules import heavy libraries inside the function so `--help` stays fast. An
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 from lmstack.cli.convert import convert
@@ -35,22 +36,61 @@ def commands() -> dict:
     }
 
 
+_TRUE_FALSE = {"true", "false", "yes", "no", "1", "0", "on", "off"}
+
+
+def _command_params(argv: list[str]) -> dict[str, str]:
+    """{parameter: annotation text} of the command that argv names (empty if none yet)."""
+    tree: object = commands()
+    for word in argv:
+        if not isinstance(tree, dict) or word not in tree:
+            break
+        tree = tree[word]
+    if not callable(tree):
+        return {}
+    return {name: str(p.annotation) for name, p in inspect.signature(tree).parameters.items()}
+
+
 def normalize_flags(argv: list[str]) -> list[str]:
-    """Accept `--max-shard-size` as well as jsonargparse's `--max_shard_size`."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and len(arg) > 2:
-            name, sep, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + sep + value
-        out.append(arg)
+    """Make the flags users type work the way they expect, before jsonargparse sees them.
+
+    `--max-shard-size` is `--max_shard_size`; a bare boolean flag (`--stream`) means true and
+    `--no-stream` false; a list option given several times (`--input a --input b`) keeps every
+    value (jsonargparse alone would keep only the last); any other option given twice is an error.
+    """
+    params = _command_params([a for a in argv if not a.startswith("-")])
+    is_bool = {n for n, a in params.items() if a.replace(" ", "") in ("bool", "bool|None", "Optional[bool]")}
+    is_list = {n for n, a in params.items() if a.startswith(("list", "List", "Sequence")) or "list[" in a}
+    names = [a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2]
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, arg in enumerate(argv):
+        if not (arg.startswith("--") and len(arg) > 2):
+            out.append(arg)
+            continue
+        name, sep, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if name.startswith("no_") and name[3:] in is_bool and not sep:
+            out += [f"--{name[3:]}", "false"]
+            continue
+        if name in is_list and names.count(name) > 1:
+            out.append(f"--{name}+" + sep + value)
+            continue
+        if name in seen and name in params and name != "config":
+            raise LmstackError(f"option --{name} is given twice; give it once")
+        seen.add(name)
+        out.append(f"--{name}" + sep + value)
+        if name in is_bool and not sep and (following is None or following.lower() not in _TRUE_FALSE):
+            out.append("true")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import auto_cli
 
-    argv = normalize_flags(sys.argv[1:] if argv is None else list(argv))
     try:
+        argv = normalize_flags(sys.argv[1:] if argv is None else list(argv))
         auto_cli(commands(), args=argv, description="lmstack: the whole life of an LLM in one package",
                  env_prefix="LMSTACK", default_env=False)
     except LmstackError as err:
