@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmstack.data.sft import IGNORE_INDEX, check_messages, read_json_records
+from lmstack.data.sft import IGNORE_INDEX, check_messages, numbered_records
 from lmstack.data.sources import BadRecord
 from lmstack.errors import DataError, LmstackError
 
@@ -90,10 +90,7 @@ def load_preference_records(path_or_records: str | Path | list[Any], tokenizer: 
                             stats: PreferenceStats | None = None) -> list[PreferenceExample]:
     """Every record tokenized; a bad one raises DataError naming file and line, or is counted."""
     stats = stats if stats is not None else PreferenceStats()
-    if isinstance(path_or_records, (str, Path)):
-        name, items = str(path_or_records), read_json_records(path_or_records)
-    else:
-        name, items = "records", enumerate(path_or_records, start=1)
+    name, items = numbered_records(path_or_records)
     out = []
     for line, record in items:
         if not isinstance(record, BadRecord):

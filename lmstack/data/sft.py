@@ -31,6 +31,13 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 # ---- reading records -------------------------------------------------------------------
+def numbered_records(path_or_records: str | Path | list[Any]) -> tuple[str, Iterable[tuple[int, Any]]]:
+    """(name for messages, (line or record number, record) pairs) from a file or an in-memory list."""
+    if isinstance(path_or_records, (str, Path)):
+        return str(path_or_records), read_json_records(path_or_records)
+    return "records", enumerate(path_or_records, start=1)
+
+
 def read_json_records(path: str | Path) -> Iterable[tuple[int, Any | BadRecord]]:
     """(line, record) from .jsonl, or (index + 1, record) from a .json list; bad lines as BadRecord."""
     path = Path(path)
@@ -120,10 +127,7 @@ def load_chat_records(path_or_records: str | Path | list[Any], skip_bad: bool = 
 def numbered_chat_records(path_or_records: str | Path | list[Any], skip_bad: bool = False,
                           bad: list[BadRecord] | None = None) -> list[tuple[int, list[dict[str, Any]]]]:
     """(line or record number, messages) pairs; see `load_chat_records`."""
-    if isinstance(path_or_records, (str, Path)):
-        name, items = str(path_or_records), read_json_records(path_or_records)
-    else:
-        name, items = "records", enumerate(path_or_records, start=1)
+    name, items = numbered_records(path_or_records)
     out = []
     for line, record in items:
         if not isinstance(record, BadRecord):
