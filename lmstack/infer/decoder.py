@@ -158,7 +158,15 @@ class CompiledDecoder(Decoder):
 
 
 def make_decoder(model: Transformer, compile: bool | None = None) -> Decoder:
-    """The eager decoder, or the compiled static-cache one (default: on CUDA only)."""
+    """The compiled static-cache decoder on CUDA; on a CPU the eager one, over oneDNN-packed
+    weights when the model is fp32 and small enough to hold them twice (see cpu_packing)."""
     if compile is None:
         compile = default_compile(model.device)
-    return CompiledDecoder(model, compile=True) if compile else Decoder(model)
+    if compile:
+        return CompiledDecoder(model, compile=True)
+    if model.device.type == "cpu":
+        from lmstack.infer.cpu_packing import can_pack, packed_for_cpu_decoding
+
+        if can_pack(model):
+            return Decoder(packed_for_cpu_decoding(model))
+    return Decoder(model)

@@ -1,0 +1,64 @@
+"""CPU decoding with oneDNN-packed linear weights: the same math, read at full memory speed.
+
+Decoding one token is a chain of matrix-vector products, so its speed is the rate at which the
+weights stream from memory. On CPUs, PyTorch's default fp32 GEMV on an (out, in) weight reaches
+about half the memory bandwidth (16-17 GB/s on this project's 2-core machine, against 30 GB/s
+for a plain read); the same product on a weight reordered once into oneDNN's blocked layout
+reaches 24-32 GB/s (measured in `benchmarks/bench_decode.py`'s notes). We pack a *copy* for
+decoding: the model the user holds (and trains) keeps plain weights; the copy shares every
+other tensor. Results equal `F.linear` to fp32 rounding (tests compare in float64).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+# Packing holds a second copy of the linear weights; beyond this many bytes the memory matters
+# more than the speed, and decoding uses the model as it is.
+MAX_PACKED_BYTES = int(os.environ.get("LMSTACK_CPU_PACK_MAX_BYTES", 4 * 2**30))
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` with its weight reordered for oneDNN (inference only: no gradient)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size=1)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        bias = self.bias.detach() if self.bias is not None else None
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def can_pack(model: nn.Module) -> bool:
+    """fp32 plain weights on a CPU with oneDNN, not too large to hold twice."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    if not linears or os.environ.get("LMSTACK_CPU_PACK", "1") == "0":
+        return False
+    weights = [m.weight for m in linears]
+    if any(type(w) not in (torch.Tensor, nn.Parameter) or w.device.type != "cpu" or w.dtype != torch.float32
+           for w in weights):
+        return False  # quantized (torchao) or non-fp32 weights keep their own kernels
+    return sum(w.numel() * 4 for w in {id(w): w for w in weights}.values()) <= MAX_PACKED_BYTES
+
+
+def packed_for_cpu_decoding(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose linears are PackedLinear; every other tensor is shared, not copied."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    view = copy.deepcopy(model, memo)
+    for module in list(view.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, PackedLinear(child))
+    return view.eval()
