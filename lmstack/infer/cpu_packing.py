@@ -30,12 +30,11 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size=1)
-        self.bias = linear.bias
+        self.bias = linear.bias.detach() if linear.bias is not None else None  # shared storage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        bias = self.bias.detach() if self.bias is not None else None
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -48,7 +48,11 @@ class Block(nn.Module):
             self.mlp = SwiGLU(config)
         else:
             self.mlp = GeluMLP(config)
-        self.resid_drop = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def resid_drop(self, x: torch.Tensor) -> torch.Tensor:
+        # a plain function, not an nn.Dropout module: decoding calls this 2x per layer per token
+        return F.dropout(x, self.dropout, training=True) if self.dropout > 0 and self.training else x
 
     def forward(self, x, rope, context) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.resid_drop(self.attn(self.attn_norm(x), rope, context))
