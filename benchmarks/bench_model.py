@@ -14,7 +14,7 @@ import argparse
 import contextlib
 
 import torch
-from common import append_results, markdown_table, median, timed
+from common import append_results, throughput_table, timed
 
 import lmstack
 
@@ -81,18 +81,10 @@ def main() -> None:
     for _ in range(args.rounds):
         times["lmstack"].append(timed(lambda: [step_ours() for _ in range(args.steps)], args.device) / args.steps)
         times["transformers"].append(timed(lambda: [step_theirs() for _ in range(args.steps)], args.device) / args.steps)
-    tokens = args.batch * args.seq
-    flops_per_token = cfg.flops_per_token(args.seq)
     peak = next((v for k, v in PEAK_FLOPS.items() if args.device.startswith("cuda")
                  and k in torch.cuda.get_device_name()), None)
-    rows = []
-    for name, ts in times.items():
-        tps = tokens / median(ts)
-        mfu = f"{100 * tps * flops_per_token / peak:.1f}%" if peak else "n/a (CPU)"
-        rows.append([name, f"{median(ts) * 1000:.1f}", f"{tps:,.0f}", mfu])
-    ratio = median(times["transformers"]) / median(times["lmstack"])
-    rows.append(["ratio lmstack/transformers", "", f"{ratio:.2f}x", ""])
-    table = markdown_table(["model (GPT-2 124M, fwd+bwd)", "ms/step (median)", "tokens/s", "MFU"], rows)
+    table = throughput_table("model (GPT-2 124M, fwd+bwd)", times, args.batch * args.seq,
+                             cfg.flops_per_token(args.seq), peak)
     notes = (f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}, {args.dtype}, compile={args.compile}, "
              f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps each")
     if args.no_record:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import append_results, markdown_table, median, synchronize, timed
+from common import append_results, markdown_table, synchronize, throughput_table, timed
 
 SHAKESPEARE = {
     # nanoGPT README's CPU command on config/train_shakespeare_char.py
@@ -283,15 +283,7 @@ def bench_gpt2(args) -> None:
     from lmstack.train.logging import peak_flops
 
     peak = peak_flops(torch.device(device), "bf16")
-    tokens = args.batch * args.seq
-    rows = []
-    for name, ts in times.items():
-        tps = tokens / median(ts)
-        mfu = f"{100 * tps * flops_per_token / peak:.1f}%" if peak else "n/a (CPU)"
-        rows.append([name, f"{median(ts) * 1000:.1f}", f"{tps:,.0f}", mfu])
-    ratio = median(times["transformers"]) / median(times["lmstack"])
-    rows.append(["ratio lmstack/transformers", "", f"{ratio:.2f}x", ""])
-    table = markdown_table(["GPT-2 124M training step", "ms/step (median)", "tokens/s", "MFU"], rows)
+    table = throughput_table("GPT-2 124M training step", times, args.batch * args.seq, flops_per_token, peak)
     precision = "bf16 autocast" if device.startswith("cuda") else "fp32"
     notes = (f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}, {precision}, compile={args.compile}; a step = "
              f"forward, backward, clip 1.0, fused AdamW, loss.item() (lmstack: `Trainer.train_step`); "

@@ -70,3 +70,16 @@ def append_results(title: str, table: str, notes: str = "") -> None:
     with open(RESULTS, "a") as f:
         f.write(section)
     print(section)
+
+
+def throughput_table(title: str, times: dict[str, list[float]], tokens_per_step: int, flops_per_token: float,
+                     peak_flops: float | None) -> str:
+    """Median ms/step, tokens/s and MFU per implementation, then lmstack's ratio to transformers."""
+    rows = []
+    for name, ts in times.items():
+        tps = tokens_per_step / median(ts)
+        mfu = f"{100 * tps * flops_per_token / peak_flops:.1f}%" if peak_flops else "n/a (CPU)"
+        rows.append([name, f"{median(ts) * 1000:.1f}", f"{tps:,.0f}", mfu])
+    ratio = median(times["transformers"]) / median(times["lmstack"])
+    rows.append(["ratio lmstack/transformers", "", f"{ratio:.2f}x", ""])
+    return markdown_table([title, "ms/step (median)", "tokens/s", "MFU"], rows)
