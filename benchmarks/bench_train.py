@@ -214,15 +214,20 @@ def make_lmstack_step(args, out: Path, variant: str):
     trainer = Trainer(config, train_data=RandomTokens(args.vocab, args.seq))
     trainer.model.train()
 
-    def step():
+    def run(n: int) -> float:
+        """n steps as `Trainer.fit` runs them: each step's loss is read back one step late."""
         with attention_preference(variant):
-            return trainer.train_step()
+            for _ in range(n):
+                trainer.launch_step()
+                trainer.settle(keep=1)
+            return trainer.settle()
 
-    return step, trainer.raw_model.flops_per_token(args.seq)
+    return run, trainer.raw_model.flops_per_token(args.seq)
 
 
 def make_loop_step(model, args, forward):
-    """The same step as the Trainer's (autocast, backward, clip 1.0, fused AdamW, loss.item()), hand-written."""
+    """The same step as the Trainer's (autocast, backward, clip 1.0, fused AdamW), hand-written; like
+    nanoGPT's loop, which reads the loss only every log_interval steps, n steps read it once."""
     device = args.device
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -241,9 +246,12 @@ def make_loop_step(model, args, forward):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss
 
-    return step
+    def run(n: int) -> float:
+        return [step() for _ in range(n)][-1].item()
+
+    return run
 
 
 def bench_gpt2(args) -> None:
@@ -268,16 +276,15 @@ def bench_gpt2(args) -> None:
             ng = GPT(GPTConfig(block_size=1024, vocab_size=args.vocab, n_layer=12, n_head=12, n_embd=768,
                                bias=False)).to(device).train()
             steps["nanoGPT model + loop"] = make_loop_step(ng, args, lambda m, x, y: m(x, y)[1])
-        for name, step in steps.items():
+        for name, run in steps.items():
             t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                step()
+            run(args.warmup)
             synchronize(device)
             print(f"{name}: warm-up (incl. compile) {time.perf_counter() - t0:.1f} s", flush=True)
         times = {name: [] for name in steps}
         for _ in range(args.rounds):
-            for name, step in steps.items():
-                times[name].append(timed(lambda step=step: [step() for _ in range(args.steps)], device) / args.steps)
+            for name, run in steps.items():
+                times[name].append(timed(lambda run=run: run(args.steps), device) / args.steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from lmstack.train.logging import peak_flops
@@ -286,7 +293,8 @@ def bench_gpt2(args) -> None:
     table = throughput_table("GPT-2 124M training step", times, args.batch * args.seq, flops_per_token, peak)
     precision = "bf16 autocast" if device.startswith("cuda") else "fp32"
     notes = (f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}, {precision}, compile={args.compile}; a step = "
-             f"forward, backward, clip 1.0, fused AdamW, loss.item() (lmstack: `Trainer.train_step`); "
+             f"forward, backward, clip 1.0, fused AdamW; the loss is read back once per {args.steps} steps "
+             f"(lmstack: every step, one step late, as `Trainer.fit` does); "
              f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps; "
              f"torch threads: {torch.get_num_threads()}.")
     if device == "cpu":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from lmstack.train.config import TrainConfig
 from lmstack.train.logging import RunLogger, peak_flops, plot_losses, read_metrics, write_report
 from lmstack.train.model_setup import build_model, load_tokenizer, model_config_for, resolve_precision
 from lmstack.train.optim import build_optimizer, lr_at
+from lmstack.train.readback import PendingLoss
 from lmstack.train.rng import get_rng_state, seed_everything, set_rng_state
 
 
@@ -83,6 +85,11 @@ class Trainer:
         model = torch.compile(self.raw_model, mode=c.compile_mode) if use_compile else self.raw_model
         self.model = D.wrap_model(model, "ddp", self.dist) if c.distributed == "ddp" else model
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        # a fused AdamW skips a step on the device (found_inf); the fp16 scaler sets found_inf itself,
+        # and FSDP's sharded (DTensor) parameters do not mix with a plain found_inf tensor
+        self.skip_on_device = (self.optimizer.defaults.get("fused") is True and not self.scaler.is_enabled()
+                               and not D.is_fsdp(self.raw_model))
+        self._pending: deque[PendingLoss] = deque()  # queued steps whose loss the host has not read
         self.step, self.tokens_seen, self.nonfinite_in_a_row, self.elapsed_s = 0, 0, 0, 0.0
         seed_everything(c.seed + rank)  # ranks draw different dropout masks; init above was identical
         if state is not None:
@@ -156,23 +163,37 @@ class Trainer:
         try:
             while self.step < c.max_steps:
                 t0 = time.perf_counter()
-                loss = self.train_step()
+                self.launch_step()
+                self.settle(keep=1)  # the previous step's loss: done by now, so no wait for the GPU
                 self.elapsed_s += time.perf_counter() - t0
                 window_tokens += self.tokens_per_step
                 window_steps += 1
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
+                    loss = self.settle()
                     dt = time.perf_counter() - window_start
                     self._log_train(loss, window_tokens / dt, dt / window_steps)
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 paused = time.perf_counter()
                 self._periodic()
                 window_start += time.perf_counter() - paused  # evals and saves do not count against tokens/s
+            self.settle()
             return self._finish()
         finally:
             self.log.close()
 
     def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss (nan if skipped)."""
+        """One optimizer step over grad_accum micro-batches; returns its mean loss (nan if skipped).
+
+        Waits for the step to finish (tests, notebooks); `fit` runs `launch_step` and reads each
+        loss one step late instead, so the host never waits for the GPU between steps.
+        """
+        self.launch_step()
+        return self.settle()
+
+    def launch_step(self) -> None:
+        """Queue one optimizer step. A non-finite loss skips the update: on the device when the
+        optimizer is fused (AdamW's `found_inf`, no host sync), else here after reading the loss.
+        `settle` does the bookkeeping (warning, count, stopping) once the loss reaches the host."""
         c = self.config
         lr = lr_at(self.step, c)
         for group in self.optimizer.param_groups:
@@ -181,16 +202,32 @@ class Trainer:
         mean_loss = self.accumulate_gradients(batches)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        if not math.isfinite(mean_loss):
-            self._skip_step(mean_loss, lr)
-            return mean_loss
-        self.nonfinite_in_a_row = 0
-        self.optimizer_step()
-        return mean_loss
+        pending = PendingLoss(self.step, lr, mean_loss)
+        self._pending.append(pending)
+        if self.skip_on_device:
+            self.optimizer_step(found_inf=(~torch.isfinite(mean_loss)).float())
+        elif math.isfinite(pending.value()):
+            self.optimizer_step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
-    def accumulate_gradients(self, batches: list[Batch]) -> float:
+    def settle(self, keep: int = 0) -> float:
+        """Read back all but the newest `keep` queued losses, counting non-finite ones (and stopping
+        after max_nonfinite_steps in a row); returns the last loss read (nan if none)."""
+        loss = math.nan
+        while len(self._pending) > keep:
+            pending = self._pending.popleft()
+            loss = pending.value()
+            if math.isfinite(loss):
+                self.nonfinite_in_a_row = 0
+            else:
+                self._skipped(pending.step, loss, pending.lr)
+        return loss
+
+    def accumulate_gradients(self, batches: list[Batch]) -> torch.Tensor:
         """Forward and backward over micro-batches; the gradient is that of the mean loss over every
-        loss token of the step (all micro-batches, all ranks). Returns that mean loss."""
+        loss token of the step (all micro-batches, all ranks). Returns that mean loss (0-d, on the
+        device: reading it is left to the caller, since it waits for the GPU)."""
         d = self.dist
         batches = [b.to(self.device) for b in batches]
         for b in batches:
@@ -208,29 +245,35 @@ class Trainer:
                     loss = loss + self.model_config.router_aux_loss_coef * out.aux_loss / len(batches)
             self.scaler.scale(loss).backward()
             loss_sum += out.ce_loss.detach().float() * counts[i]
-        return (d.all_reduce_sum(loss_sum) / total).item()
+        return d.all_reduce_sum(loss_sum) / total
 
-    def optimizer_step(self) -> None:
-        """Unscale (fp16), clip, step, zero the gradients."""
+    def optimizer_step(self, found_inf: torch.Tensor | None = None) -> None:
+        """Unscale (fp16), clip, step, zero the gradients. `found_inf` (a 0-d float tensor, 1.0 =
+        skip) makes the fused AdamW leave weights, moments and step count untouched."""
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
             self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.scaler.step(self.optimizer)
+        if found_inf is not None:
+            self.optimizer.found_inf = found_inf
+        try:
+            self.scaler.step(self.optimizer)
+        finally:
+            if found_inf is not None:
+                del self.optimizer.found_inf
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _skip_step(self, loss: float, lr: float) -> None:
+    def _skipped(self, step: int, loss: float, lr: float) -> None:
         c = self.config
-        self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_in_a_row += 1
-        self.log.message(f"warning: step {self.step}: loss is {loss}; skipped the update "
+        self.log.message(f"warning: step {step}: loss is {loss}; skipped the update "
                          f"({self.nonfinite_in_a_row} in a row, stopping at {c.max_nonfinite_steps})")
-        self.log.log({"step": self.step, "loss": None, "skipped": True, "lr": lr})
+        self.log.log({"step": step, "loss": None, "skipped": True, "lr": lr})
         if self.nonfinite_in_a_row >= c.max_nonfinite_steps:
             kept = latest_checkpoint(c.out_dir)
             raise TrainingError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {self.step}); stopped. "
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {step}); stopped. "
                 f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Lower --lr, "
                 "raise --warmup_steps or use --precision bf16/fp32, then --resume true"
             )
@@ -257,11 +300,15 @@ class Trainer:
 
     def _periodic(self) -> None:
         c, last = self.config, self.step == self.config.max_steps
-        if c.eval_every and self.step % c.eval_every == 0 and not last:
+        due = [every and self.step % every == 0 and not last for every in (c.eval_every, c.sample_every, c.save_every)]
+        if not any(due):
+            return
+        self.settle()  # a checkpoint must know whether the steps before it were good
+        if due[0]:
             self.evaluate_and_log()
-        if c.sample_every and self.step % c.sample_every == 0 and not last:
+        if due[1]:
             self.sample_and_log()
-        if c.save_every and self.step % c.save_every == 0 and not last and not self.nonfinite_in_a_row:
+        if due[2] and not self.nonfinite_in_a_row:
             self.save_checkpoint()
 
     def _finish(self) -> dict[str, Any]:

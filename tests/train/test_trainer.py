@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -66,7 +67,7 @@ def test_sft_loss_ignores_prompt_tokens_and_weights_tokens_equally(tmp_path):
     model = trainer.raw_model
     ref_loss, ref_grads = reference_loss_and_grads(model, batches, masked=True)
     all_loss, all_grads = reference_loss_and_grads(model, batches, masked=False)
-    loss = trainer.accumulate_gradients([Batch.of(b) for b in batches])
+    loss = float(trainer.accumulate_gradients([Batch.of(b) for b in batches]))
     got = grads(model)
     assert abs(loss - ref_loss) <= 1e-5
     for name, g in got.items():
@@ -116,6 +117,53 @@ def test_nonfinite_loss_skips_the_step_then_stops(tmp_path, capsys):
     assert "skipped the update" in capsys.readouterr().err
     reloaded, _ = lmstack.load(tmp_path / "checkpoints" / "step-00000002")
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def optimizer_snapshot(trainer) -> list[torch.Tensor]:
+    return [t.clone() for state in trainer.optimizer.state.values() for t in state.values()]
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["fused-found_inf", "host-check"])
+def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(tmp_path, on_device):
+    # on the device (fused AdamW's found_inf: no host sync) or on the host after reading the loss
+    trainer = toy_trainer(tmp_path, max_nonfinite_steps=5)
+    assert trainer.skip_on_device  # a fused AdamW on CPU, no fp16 scaler, no FSDP
+    trainer.skip_on_device = on_device
+    poison = {"on": False}
+    trainer.raw_model.embed.register_forward_hook(lambda m, i, o: o * float("inf") if poison["on"] else o)
+    trainer.train_step()
+    weights = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    moments = optimizer_snapshot(trainer)
+    poison["on"] = True
+    trainer.launch_step()
+    trainer.launch_step()
+    assert math.isnan(trainer.settle()) and not trainer._pending
+    assert trainer.nonfinite_in_a_row == 2 and trainer.step == 3
+    assert all(torch.equal(a, p) for a, p in zip(weights, trainer.raw_model.parameters()))
+    # AdamW's moments and its step count (which sets the bias correction) did not move either
+    assert all(torch.equal(a, b) for a, b in zip(moments, optimizer_snapshot(trainer)))
+    assert all(p.grad is None for p in trainer.raw_model.parameters())
+
+
+def test_skipping_on_the_device_does_not_change_good_steps(tmp_path):
+    # found_inf = 0 must give bitwise the update torch's fused AdamW gives without it
+    runs = {}
+    for on_device in (True, False):
+        trainer = toy_trainer(tmp_path / str(on_device))
+        trainer.skip_on_device = on_device
+        runs[on_device] = ([trainer.train_step() for _ in range(4)],
+                           [p.detach().clone() for p in trainer.raw_model.parameters()])
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+
+
+def test_fit_reads_losses_one_step_late_and_still_logs_every_step(tmp_path):
+    trainer = toy_trainer(tmp_path, max_steps=5, log_every=2)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 5]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert not trainer._pending  # nothing left unread at the end
 
 
 def test_activation_checkpointing_gives_the_same_steps(tmp_path):
