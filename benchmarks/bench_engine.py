@@ -48,15 +48,19 @@ def cpu_config():
                                             num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=1024)
 
 
-def run_engine(model, prompts, params, args, async_scheduling=None):
+def engine_options(args, **changes) -> dict:
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_model_len=args.max_model_len, block_size=args.block_size, async_scheduling=async_scheduling)
+                   max_model_len=args.max_model_len, block_size=args.block_size, fuse_pointwise=args.fuse_pointwise)
     if args.device == "cuda":
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
         options["num_blocks"] = args.num_blocks
+    return {**options, **changes}
+
+
+def run_engine(model, prompts, params, args, async_scheduling=None):
     start = time.perf_counter()
-    llm = LLM(model, **options)
+    llm = LLM(model, **engine_options(args, async_scheduling=async_scheduling))
     setup = time.perf_counter() - start
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up (kernels, graphs)
     before = llm.stats()
@@ -113,6 +117,65 @@ def _record_gpu_spans(llm) -> list:
 
     runner.run, core_module.sample = timed_run, timed_sample
     return spans
+
+
+KERNEL_GROUPS = (  # (group, lower-case name fragments), first match wins; for the --profile breakdown
+    ("attention", ("paged_attention", "flash", "attention", "fmha", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "::mm", "bmm", "addmm", "linear")),
+    ("copy / gather", ("memcpy", "memset", "copy", "cat", "index", "gather", "scatter", "fill")),
+    ("sampling", ("exponential", "argmax", "softmax", "distribution", "topk", "sort", "multinomial")),
+    ("norm / rope / activation / add", ("elementwise", "vectorized", "unrolled", "reduce", "triton_", "pow",
+                                         "rsqrt", "mean", "silu", "mul", "add")),
+)
+
+
+def kernel_group(name: str) -> str:
+    lower = name.lower()
+    return next((group for group, parts in KERNEL_GROUPS if any(p in lower for p in parts)), "other")
+
+
+def profile_engine(model, prompts, params, args, skip: int, steps: int) -> tuple[str, str]:
+    """Where a step's time goes: the kernels of `steps` engine steps after the first `skip` (the
+    decode-heavy middle of the run), grouped by kind; returns (grouped table, top-kernels table)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    llm = LLM(model, **engine_options(args))
+    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8), use_tqdm=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    runner, run = llm.engine.runner, llm.engine.runner.run
+    with profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=steps)) as prof:
+        def stepped_run(*a, **k):
+            prof.step()
+            return run(*a, **k)
+
+        runner.run = stepped_run
+        llm.generate(prompts, params, use_tqdm=False)
+        synchronize(args.device)
+    runner.run = run
+    device_side = args.device == "cuda"
+    totals: dict[str, list[float]] = {}
+    kernels = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if device_side else e.self_cpu_time_total
+        if us <= 0 or e.key.startswith("ProfilerStep") or (device_side and e.device_type.name != "CUDA"):
+            continue
+        group = kernel_group(e.key)
+        totals.setdefault(group, [0.0, 0])
+        totals[group][0] += us
+        totals[group][1] += e.count
+        kernels.append((us, e.count, group, e.key))
+    all_us = sum(t[0] for t in totals.values()) or 1.0
+    grouped = markdown_table(
+        ["kernel group", "ms per step", "launches per step", "share"],
+        [[g, f"{us / steps / 1000:.2f}", f"{n / steps:,.0f}", f"{100 * us / all_us:.0f}%"]
+         for g, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])]
+        + [["all", f"{all_us / steps / 1000:.2f}", f"{sum(t[1] for t in totals.values()) / steps:,.0f}", "100%"]])
+    top = markdown_table(["kernel", "group", "ms per step", "launches per step"],
+                         [[name[:90], g, f"{us / steps / 1000:.3f}", f"{n / steps:,.0f}"]
+                          for us, n, g, name in sorted(kernels, reverse=True)[:20]])
+    del llm
+    gc.collect()
+    return grouped, top
 
 
 def run_transformers(model, prompts, params, args):
@@ -225,6 +288,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--progress", action="store_true", help="show the engine's progress bar")
     ap.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
+    ap.add_argument("--profile", type=int, nargs=2, metavar=("SKIP", "STEPS"), default=None,
+                    help="instead of the throughput run: profile STEPS engine steps after the first SKIP and print "
+                         "where a step's time goes, kernels grouped by kind (e.g. --profile 200 20)")
+    ap.add_argument("--fuse-pointwise", action="store_true",
+                    help="run the engine with fuse_pointwise=True (compiled norm/RoPE/activation kernels)")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if args.threads:
@@ -239,6 +307,12 @@ def main() -> None:
                             config=config)
     prompts, params = workload(num, lo, hi, min(10000, config.vocab_size - 1), args.temperature)
     name = args.preset or ("qwen3-0.6b" if cuda else "small qwen3 (4 layers, hidden 256)")
+    if args.profile:
+        grouped, top = profile_engine(model, prompts, params, args, *args.profile)
+        print(f"{name}, {num} requests: engine steps {args.profile[0] + 3}-{sum(args.profile) + 2} "
+              f"({'GPU kernel' if cuda else 'CPU op'} self time; fuse_pointwise={args.fuse_pointwise})")
+        print(grouped + "\n\n" + top)
+        return
 
     generated, elapsed, info = run_engine(model, prompts, params, args)
     engine_rate = generated / elapsed
@@ -248,6 +322,7 @@ def main() -> None:
     notes = [f"{name}, {str(dtype).removeprefix('torch.')}, random weights; {num} requests, prompt/output lengths "
              f"uniform [{lo}, {hi}] (seed 0, random ids), temperature {args.temperature}, ignore_eos",
              f"engine: backend={info['backend']}, CUDA graphs={info['graphs']}, async scheduling={info['overlap']}, "
+             f"fuse_pointwise={args.fuse_pointwise}, "
              f"block_size={args.block_size}, "
              f"KV blocks={info['blocks']:,}, max_num_seqs={args.max_num_seqs}, max_num_batched_tokens="
              f"{args.max_num_batched_tokens}, {info['steps']} steps, {info['preemptions']} preemptions, "

@@ -32,6 +32,7 @@ from lmstack.infer.sampling import (
     sample,
 )
 from lmstack.infer.stopping import SequenceState
+from lmstack.model.fusion import fuse_pointwise
 
 
 @dataclass
@@ -50,6 +51,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" | "reference" (gather + SDPA) | "triton" (CUDA)
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA, triton backend, dense MLPs)
     async_scheduling: bool | None = None  # overlap the next step's scheduling with this one; None: on CUDA
+    # compiled norm / RoPE / SwiGLU-gate kernels in the eager forward (model/fusion.py). Off by
+    # default until measured on a GPU; it compiles on first use (seconds on CUDA, longer on CPU)
+    fuse_pointwise: bool = False
 
     def validate(self) -> EngineConfig:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -102,6 +106,8 @@ class EngineCore:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         self.config = config = (config or EngineConfig()).validate()
         self.model = model.eval()
+        if config.fuse_pointwise:
+            fuse_pointwise(model)  # before pool sizing and graph capture, which run the forward
         self.tokenizer = tokenizer
         self.device = model.device
         mc = model.config

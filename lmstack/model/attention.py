@@ -16,7 +16,7 @@ from torch import nn
 
 from lmstack.config import ModelConfig
 from lmstack.model.norms import RMSNorm
-from lmstack.model.rope import apply_rope
+from lmstack.model.rope import apply_rope_qk
 
 
 class AttentionContext(Protocol):
@@ -86,6 +86,8 @@ class CausalContext:
 class Attention(nn.Module):
     """Fused QKV projection, optional per-head QK RMSNorm, RoPE, then the context's attention."""
 
+    rope_fn = staticmethod(apply_rope_qk)  # `model/fusion.py` may set a compiled one on an instance
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -112,6 +114,6 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.rope_fn(q, k, *rope)
         y = context.attend(self.layer, q, k, v, self.window, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, self.q_size))

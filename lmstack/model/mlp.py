@@ -30,14 +30,21 @@ class GeluMLP(nn.Module):
         return self.down(self.act(self.up(x)))
 
 
+def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up from the fused projection's output (gate half first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return activation_fn(activation)(gate) * up
+
+
 class SwiGLU(nn.Module):
+    gated_fn = staticmethod(gated)  # `model/fusion.py` may set a compiled one on an instance
+
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
         inter = intermediate_size or config.intermediate_size
         self.gate_up = nn.Linear(config.hidden_size, 2 * inter, bias=config.mlp_bias)
         self.down = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
-        self.act = activation_fn(config.activation)
+        self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down(self.gated_fn(self.gate_up(x), self.activation))

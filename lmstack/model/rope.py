@@ -68,3 +68,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos/sin: (B, 1, T, D)."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on queries and keys together (one fused kernel when compiled)."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
