@@ -143,7 +143,7 @@ def profile_engine(model, prompts, params, args, skip: int, steps: int) -> tuple
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8), use_tqdm=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     runner, run = llm.engine.runner, llm.engine.runner.run
-    with profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=steps)) as prof:
+    with profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=steps, repeat=1)) as prof:
         def stepped_run(*a, **k):
             prof.step()
             return run(*a, **k)
@@ -309,7 +309,7 @@ def main() -> None:
     name = args.preset or ("qwen3-0.6b" if cuda else "small qwen3 (4 layers, hidden 256)")
     if args.profile:
         grouped, top = profile_engine(model, prompts, params, args, *args.profile)
-        print(f"{name}, {num} requests: engine steps {args.profile[0] + 3}-{sum(args.profile) + 2} "
+        print(f"{name}, {num} requests: engine steps {args.profile[0] + 2}-{sum(args.profile) + 1} (1-based) "
               f"({'GPU kernel' if cuda else 'CPU op'} self time; fuse_pointwise={args.fuse_pointwise})")
         print(grouped + "\n\n" + top)
         return

@@ -215,7 +215,8 @@ def make_lmstack_step(args, out: Path, variant: str):
     trainer.model.train()
 
     def run(n: int) -> float:
-        """n steps as `Trainer.fit` runs them: each step's loss is read back one step late."""
+        """n steps as `Trainer.fit` runs them with log_every=n: each step reads back the previous
+        step's loss (the host stays at most one step ahead), the last waits for all."""
         with attention_preference(variant):
             for _ in range(n):
                 trainer.launch_step()
@@ -294,7 +295,8 @@ def bench_gpt2(args) -> None:
     precision = "bf16 autocast" if device.startswith("cuda") else "fp32"
     notes = (f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}, {precision}, compile={args.compile}; a step = "
              f"forward, backward, clip 1.0, fused AdamW; the loss is read back once per {args.steps} steps "
-             f"(lmstack: every step, one step late, as `Trainer.fit` does); "
+             f"(lmstack: every step one step late, and all at the block's end, as `Trainer.fit` with "
+             f"log_every={args.steps}); "
              f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps; "
              f"torch threads: {torch.get_num_threads()}.")
     if device == "cpu":

@@ -164,18 +164,22 @@ class Trainer:
             while self.step < c.max_steps:
                 t0 = time.perf_counter()
                 self.launch_step()
-                self.settle(keep=1)  # the previous step's loss: done by now, so no wait for the GPU
+                log_now = self.step % c.log_every == 0 or self.step == c.max_steps
+                periodic = self._periodic_due()
+                # Usually only the previous step's loss is read (done by now: no wait for the GPU);
+                # logs, evals and checkpoints need every step so far, and that wait is training time.
+                loss = self.settle(keep=0 if log_now or any(periodic) else 1)
                 self.elapsed_s += time.perf_counter() - t0
                 window_tokens += self.tokens_per_step
                 window_steps += 1
-                if self.step % c.log_every == 0 or self.step == c.max_steps:
-                    loss = self.settle()
+                if log_now:
                     dt = time.perf_counter() - window_start
                     self._log_train(loss, window_tokens / dt, dt / window_steps)
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-                paused = time.perf_counter()
-                self._periodic()
-                window_start += time.perf_counter() - paused  # evals and saves do not count against tokens/s
+                if any(periodic):
+                    paused = time.perf_counter()
+                    self._periodic(*periodic)
+                    window_start += time.perf_counter() - paused  # evals and saves do not count against tokens/s
             self.settle()
             return self._finish()
         finally:
@@ -213,7 +217,11 @@ class Trainer:
 
     def settle(self, keep: int = 0) -> float:
         """Read back all but the newest `keep` queued losses, counting non-finite ones (and stopping
-        after max_nonfinite_steps in a row); returns the last loss read (nan if none)."""
+        after max_nonfinite_steps in a row); returns the last loss read (nan if none).
+
+        In `fit` the stop comes one step after the streak's last bad step: that next step has
+        already run (and, if its loss was finite, updated the weights in memory); nothing is
+        saved in between, so the last good checkpoint named in the error is unaffected."""
         loss = math.nan
         while len(self._pending) > keep:
             pending = self._pending.popleft()
@@ -289,8 +297,9 @@ class Trainer:
         record: dict[str, Any] = {"step": self.step, "loss": loss if math.isfinite(loss) else None,
                                   "lr": lr_at(self.step - 1, self.config), "tokens": self.tokens_seen,
                                   "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 5)}
-        if self.grad_norm is not None:
-            record["grad_norm"] = float(self.grad_norm)
+        if self.grad_norm is not None:  # a skipped step's norm is not finite: logged as null
+            grad_norm = float(self.grad_norm)
+            record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else None
         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if self.peak_flops:
             record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
@@ -298,17 +307,19 @@ class Trainer:
         self.log.log(record)
         self.log.progress(self.step, **postfix)
 
-    def _periodic(self) -> None:
+    def _periodic_due(self) -> tuple[bool, bool, bool]:
+        """(eval, sample, save) due after this step; the last step's are left to `_finish`."""
         c, last = self.config, self.step == self.config.max_steps
-        due = [every and self.step % every == 0 and not last for every in (c.eval_every, c.sample_every, c.save_every)]
-        if not any(due):
-            return
+        return tuple(bool(every) and self.step % every == 0 and not last
+                     for every in (c.eval_every, c.sample_every, c.save_every))
+
+    def _periodic(self, evaluate: bool, sample: bool, save: bool) -> None:
         self.settle()  # a checkpoint must know whether the steps before it were good
-        if due[0]:
+        if evaluate:
             self.evaluate_and_log()
-        if due[1]:
+        if sample:
             self.sample_and_log()
-        if due[2] and not self.nonfinite_in_a_row:
+        if save and not self.nonfinite_in_a_row:
             self.save_checkpoint()
 
     def _finish(self) -> dict[str, Any]:

@@ -3,6 +3,8 @@ and exact resume with the CUDA RNG (dropout) in play. Run with `pytest -m cuda t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from train_helpers import toy_trainer
@@ -44,3 +46,24 @@ def test_exact_resume_on_cuda_with_dropout(tmp_path):
     assert resumed.step == 4
     got = [resumed.train_step() for _ in range(4)]
     assert max(abs(x - y) for x, y in zip(expected[4:], got)) <= 1e-6
+
+
+def test_nonfinite_steps_are_skipped_on_the_gpu_without_a_host_wait(tmp_path):
+    # bf16 + fused AdamW: the skip is AdamW's found_inf on the device; the loss comes back through
+    # pinned memory behind an event, read one step late
+    trainer = toy_trainer(tmp_path, device="cuda", precision="bf16", compile=False, max_nonfinite_steps=5)
+    assert trainer.skip_on_device
+    poison = {"on": False}
+    trainer.raw_model.embed.register_forward_hook(lambda m, i, o: o * float("nan") if poison["on"] else o)
+    trainer.train_step()
+    weights = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    poison["on"] = True
+    trainer.launch_step()
+    trainer.launch_step()
+    assert math.isnan(trainer.settle(keep=1)) and len(trainer._pending) == 1  # the older one only
+    assert math.isnan(trainer.settle())
+    assert trainer.nonfinite_in_a_row == 2 and not trainer._pending
+    assert all(torch.equal(a, p) for a, p in zip(weights, trainer.raw_model.parameters()))
+    poison["on"] = False
+    assert torch.isfinite(torch.tensor(trainer.train_step()))
+    assert trainer.nonfinite_in_a_row == 0

@@ -157,9 +157,21 @@ def test_skipping_on_the_device_does_not_change_good_steps(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
 
 
-def test_fit_reads_losses_one_step_late_and_still_logs_every_step(tmp_path):
+def test_fit_reads_each_loss_one_step_late_except_at_log_steps(tmp_path, monkeypatch):
+    import lmstack.train.trainer as trainer_module
+
     trainer = toy_trainer(tmp_path, max_steps=5, log_every=2)
+    lag = {}  # step of a loss -> how many steps had been launched after it when it was read
+
+    class Recording(trainer_module.PendingLoss):
+        def value(self):
+            lag[self.step] = trainer.step - self.step
+            return super().value()
+
+    monkeypatch.setattr(trainer_module, "PendingLoss", Recording)
     trainer.fit()
+    # steps 1 and 3 are read while the next step is already queued; log steps 2, 4, 5 at once
+    assert lag == {1: 1, 2: 0, 3: 1, 4: 0, 5: 0}
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 5]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
