@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test test-cuda lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not cuda" $(PYTEST_ARGS)
+
+# GPU tests, one pytest process per file (a device-side assert poisons the process's CUDA context)
+test-cuda: $(STAMP)
+	$(BIN)/python tests/run_cuda.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lmstack tests benchmarks
