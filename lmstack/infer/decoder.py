@@ -10,6 +10,8 @@ search and speculative decoding share one loop whichever runs underneath; keep o
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lmstack.model.cache import KVCache
@@ -61,6 +63,9 @@ class Decoder:
         self.cache.reorder(rows)
 
 
+CACHE_STEP = 256  # static caches are sized in multiples of this (fewer distinct shapes, fewer graphs)
+
+
 def _bucket(length: int, buckets: tuple[int, ...]) -> int:
     for b in buckets:
         if length <= b:
@@ -76,7 +81,9 @@ class CompiledDecoder(Decoder):
     """
 
     def __init__(self, model: Transformer, compile: bool = True,
-                 prefill_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)):
+                 prefill_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048), tune: bool = True):
+        """tune: inductor's coordinate-descent kernel tuning (gpt-fast's setting): faster decode
+        kernels for a longer first compile; it is a process-wide inductor setting once on."""
         super().__init__(model)
         from lmstack.infer.static_cache import StaticKVCache
 
@@ -90,7 +97,8 @@ class CompiledDecoder(Decoder):
             import torch._dynamo
             import torch._inductor.config as inductor_config
 
-            inductor_config.coordinate_descent_tuning = True
+            if tune:
+                inductor_config.coordinate_descent_tuning = True
             inductor_config.triton.unique_kernel_names = True
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             # MoE routing has data-dependent shapes: it runs between graphs (a graph break) there
@@ -113,8 +121,10 @@ class CompiledDecoder(Decoder):
     def start(self, batch_size: int, max_length: int) -> None:
         static = self.static
         if static is None or static.batch_size != batch_size or static.max_length < max_length:
-            # a new shape means new graphs; reuse the cache (and graphs) whenever it is big enough
+            # a new shape means new graphs; reuse the cache (and graphs) whenever it is big enough,
+            # and size it in steps of CACHE_STEP so requests of similar lengths share one shape
             size = max(max_length, static.max_length if static is not None else 0)
+            size = min(-(-size // CACHE_STEP) * CACHE_STEP, max(size, self.model.config.max_position_embeddings))
             self.static = self._cache_cls(self.model.config, batch_size, size, self.device, self.model.dtype)
         else:
             self.static.reset()
@@ -157,13 +167,21 @@ class CompiledDecoder(Decoder):
         self._length = length
 
 
+_compiled_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def make_decoder(model: Transformer, compile: bool | None = None) -> Decoder:
     """The compiled static-cache decoder on CUDA; on a CPU the eager one, over oneDNN-packed
-    weights when the model is fp32 and small enough to hold them twice (see cpu_packing)."""
+    weights when the model is fp32 and small enough to hold them twice (see cpu_packing).
+
+    The compiled decoder is kept per model (while the model lives) and handed out again: a new
+    one would compile and record its CUDA graphs again, tens of seconds per `generate` call."""
     if compile is None:
         compile = default_compile(model.device)
     if compile:
-        return CompiledDecoder(model, compile=True)
+        if model not in _compiled_decoders:
+            _compiled_decoders[model] = CompiledDecoder(model, compile=True)
+        return _compiled_decoders[model]
     if model.device.type == "cpu":
         from lmstack.infer.cpu_packing import can_pack, packed_for_cpu_decoding
 

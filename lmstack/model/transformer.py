@@ -30,7 +30,7 @@ class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None  # the training objective: ce_loss (+ coef * aux_loss for MoE)
     ce_loss: torch.Tensor | None = None  # mean cross-entropy over unmasked label positions
-    aux_loss: torch.Tensor | None = None  # MoE load-balancing term
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing term (computed when labels are given)
     hidden_states: torch.Tensor | None = None  # final normed hidden states, on request
 
 
@@ -178,7 +178,7 @@ class Transformer(nn.Module):
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         out = CausalLMOutput(logits=logits, hidden_states=hidden)
-        if router_logits:
+        if router_logits and labels is not None:  # training only: decoding would pay for it every token
             token_mask = attention_mask.reshape(-1) if attention_mask is not None else None
             out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
                                                self.config.num_experts_per_tok, token_mask)

@@ -42,6 +42,33 @@ def test_static_cache_decoder_equals_plain_decoder(family):
         assert [[o.token_ids for o in r.outputs] for r in plain] == [[o.token_ids for o in r.outputs] for r in fast]
 
 
+def test_make_decoder_keeps_one_compiled_decoder_per_model_and_one_cache_shape(monkeypatch):
+    import copy
+
+    import torch._inductor.config as inductor_config
+
+    from lmstack.infer import make_decoder
+    from lmstack.infer.decoder import CACHE_STEP
+
+    # the caching is under test, not the compiler: compile is the identity here
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    model = _model("gpt2")
+    decoder = make_decoder(model, compile=True)
+    assert isinstance(decoder, CompiledDecoder) and make_decoder(model, compile=True) is decoder
+    assert make_decoder(copy.deepcopy(model), compile=True) is not decoder  # one per model
+    config = GenerationConfig(max_new_tokens=5, eos_token_ids=[])
+    # as on CUDA, where generate() without a decoder calls make_decoder(model) each time
+    first = generate(model, [PROMPTS[0]], config, decoder=make_decoder(model, compile=True))
+    cache = decoder.static
+    assert cache is not None and cache.max_length == min(CACHE_STEP, model.config.max_position_embeddings)
+    longer = GenerationConfig(max_new_tokens=9, eos_token_ids=[])
+    second = generate(model, [PROMPTS[2]], longer, decoder=make_decoder(model, compile=True))
+    assert decoder.static is cache  # a longer request still fits the rounded-up cache: same graphs
+    for prompt, options, out in [(PROMPTS[0], config, first), (PROMPTS[2], longer, second)]:
+        assert out[0].outputs[0].token_ids == generate(model, prompt, options, decoder=Decoder(model))[0].outputs[0].token_ids
+
+
 def test_static_cache_logits_match_full_forward():
     from lmstack.infer.static_cache import StaticKVCache
 

@@ -27,7 +27,7 @@ def _tokens(results):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "mistral", "mixtral"])
 def test_compiled_decoding_equals_eager_fp32(family):
     model = _model(family)
-    fast = CompiledDecoder(model, compile=True, prefill_buckets=(16, 64))
+    fast = CompiledDecoder(model, compile=True, prefill_buckets=(16, 64), tune=False)
     # same batch and length for both configs: the second replays the first one's graphs
     for config in [GenerationConfig(max_new_tokens=24, eos_token_ids=[]),
                    GenerationConfig(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3, eos_token_ids=[])]:
@@ -41,7 +41,7 @@ def test_compiled_beam_search_equals_eager():
     model = _model("llama")
     config = GenerationConfig(max_new_tokens=8, eos_token_ids=[], num_beams=3, n=2)
     eager = generate(model, PROMPTS, config, decoder=Decoder(model))
-    compiled = generate(model, PROMPTS, config, decoder=CompiledDecoder(model, prefill_buckets=(64,)))
+    compiled = generate(model, PROMPTS, config, decoder=CompiledDecoder(model, prefill_buckets=(64,), tune=False))
     assert _tokens(compiled) == _tokens(eager)
 
 
@@ -49,7 +49,7 @@ def test_compiled_beam_search_equals_eager():
 def test_compiled_bf16_logits_close_to_eager():
     model = _model("llama", torch.bfloat16)
     ids = torch.tensor([PROMPTS[0]], device="cuda")
-    fast, eager = CompiledDecoder(model, compile=True), Decoder(model)
+    fast, eager = CompiledDecoder(model, compile=True, tune=False), Decoder(model)
     for dec in (fast, eager):
         dec.start(1, 64)
     a, b = fast.prefill(ids).float(), eager.prefill(ids).float()
@@ -77,6 +77,15 @@ def test_quantized_models_generate_on_cuda(method):
     assert diff < {"int8": 0.1, "float8": 0.2, "int4": 0.8}[method] * scale
     config = GenerationConfig(max_new_tokens=12, eos_token_ids=[])
     eager = generate(model, PROMPTS[:2], config, decoder=Decoder(model))
-    compiled = generate(model, PROMPTS[:2], config, decoder=CompiledDecoder(model))
-    agree = sum(a == b for x, y in zip(_tokens(eager), _tokens(compiled)) for a, b in zip(x[0], y[0]))
-    assert agree >= 0.75 * 24  # bf16 kernels differ between paths; most greedy tokens still agree
+    # Teacher-forced: the compiled path reads the eager path's tokens, and each of them must be
+    # (within bf16 rounding of) its own best choice. Comparing free-running outputs instead would
+    # fail on the first near-tie, after which the two continuations are unrelated.
+    fast = CompiledDecoder(model, tune=False)
+    with torch.inference_mode():
+        for prompt, result in zip(PROMPTS[:2], eager):
+            tokens = result.outputs[0].token_ids
+            fast.start(1, len(prompt) + len(tokens))
+            logits = fast.prefill(torch.tensor([prompt], device="cuda"))[0].float()
+            for token in tokens:
+                assert logits[token] >= logits.max() - 0.05 * logits.abs().max()
+                logits = fast.decode(torch.tensor([token], device="cuda"))[0].float()

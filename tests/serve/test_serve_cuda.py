@@ -4,9 +4,12 @@ import math
 
 import pytest
 import torch
-from serve_helpers import LiveServer, reference_greedy, reference_logprobs, tiny_engine
 
-from lmstack.serve import ServeConfig, create_app
+pytest.importorskip("fastapi")  # GPU machines may lack the serve extras; tests/run_cuda.py names this file
+
+from serve_helpers import LiveServer, reference_greedy, reference_logprobs, tiny_engine  # noqa: E402
+
+from lmstack.serve import ServeConfig, create_app  # noqa: E402
 
 
 @pytest.mark.cuda
