@@ -50,7 +50,8 @@ def cpu_config():
 
 def engine_options(args, **changes) -> dict:
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_model_len=args.max_model_len, block_size=args.block_size, fuse_pointwise=args.fuse_pointwise)
+                   max_model_len=args.max_model_len, block_size=args.block_size, fuse_pointwise=args.fuse_pointwise,
+                   kv_cache_dtype=args.kv_cache_dtype)
     if args.device == "cuda":
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
@@ -291,6 +292,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, nargs=2, metavar=("SKIP", "STEPS"), default=None,
                     help="instead of the throughput run: profile STEPS engine steps after the first SKIP and print "
                          "where a step's time goes, kernels grouped by kind (e.g. --profile 200 20)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="the engine's KV cache dtype (fp8: half of bf16's bytes per cached token)")
     ap.add_argument("--fuse-pointwise", action="store_true",
                     help="run the engine with fuse_pointwise=True (compiled norm/RoPE/activation kernels)")
     args = ap.parse_args()
@@ -322,7 +325,7 @@ def main() -> None:
     notes = [f"{name}, {str(dtype).removeprefix('torch.')}, random weights; {num} requests, prompt/output lengths "
              f"uniform [{lo}, {hi}] (seed 0, random ids), temperature {args.temperature}, ignore_eos",
              f"engine: backend={info['backend']}, CUDA graphs={info['graphs']}, async scheduling={info['overlap']}, "
-             f"fuse_pointwise={args.fuse_pointwise}, "
+             f"fuse_pointwise={args.fuse_pointwise}, kv_cache_dtype={args.kv_cache_dtype}, "
              f"block_size={args.block_size}, "
              f"KV blocks={info['blocks']:,}, max_num_seqs={args.max_num_seqs}, max_num_batched_tokens="
              f"{args.max_num_batched_tokens}, {info['steps']} steps, {info['preemptions']} preemptions, "

@@ -61,18 +61,37 @@ class PagedAttentionContext:
         return self.attention(q, k_cache, v_cache, self.meta, window)
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys/values as the cache stores them. An fp8 cache keeps them unscaled (vLLM's default
+    scale of 1.0 without calibration) and clamps to the format's range: a float8_e4m3fn cast
+    of a larger value would give NaN, a clamp only loses what the format cannot hold."""
+    if x.dtype == dtype:
+        return x
+    if dtype.itemsize == 1:
+        bound = torch.finfo(dtype).max
+        x = x.clamp(-bound, bound)
+    return x.to(dtype)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' keys and values at their slots (one index_copy_ each, graph-safe)."""
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k[0].transpose(0, 1))
-    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v[0].transpose(0, 1))
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        rows = to_cache_dtype(new[0], cache.dtype).transpose(0, 1)
+        if cache.dtype.itemsize == 1:  # torch has no index_copy_ for fp8: copy the bytes
+            cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+        cache.view(num_slots, *cache.shape[2:]).index_copy_(0, slot_mapping, rows)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` keys (or values) of one sequence as (Hkv, length, D)."""
     blocks = block_table[: -(-length // cache.shape[1])].long()
     return cache[blocks].flatten(0, 1)[:length].transpose(0, 1)
+
+
+def _as(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == q.dtype else x.to(q.dtype)  # an fp8 cache is read in the query's dtype
 
 
 def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -83,8 +102,8 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if nd:
         length = max(meta.seq_lens_host[:nd])
         tables = meta.block_tables[:nd, : -(-length // block_size)].long()
-        keys = k_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2)  # (nd, Hkv, S, D)
-        values = v_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2)
+        keys = _as(k_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2), q)  # (nd, Hkv, S, D)
+        values = _as(v_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2), q)
         lens = meta.seq_lens[:nd].long()
         k_pos = torch.arange(length, device=q.device)
         allowed = k_pos[None, :] < lens[:, None]
@@ -95,8 +114,8 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     for s in range(nd, meta.num_seqs):
         start, end = meta.query_start_host[s], meta.query_start_host[s + 1]
         length, num_queries = meta.seq_lens_host[s], end - start
-        keys = _gather(k_cache, meta.block_tables[s], length)[None]
-        values = _gather(v_cache, meta.block_tables[s], length)[None]
+        keys = _as(_gather(k_cache, meta.block_tables[s], length)[None], q)
+        values = _as(_gather(v_cache, meta.block_tables[s], length)[None], q)
         queries = q[:, :, start:end]
         if length == num_queries and window is None:
             out[:, :, start:end] = sdpa(queries, keys, values, is_causal=True)

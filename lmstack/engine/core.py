@@ -16,7 +16,7 @@ import torch
 
 from lmstack.engine.kv_cache import BlockManager, PagedKVCache
 from lmstack.engine.outputs import EngineStats, RequestOutput
-from lmstack.engine.runner import ModelRunner, profile_peak_memory, to_device
+from lmstack.engine.runner import ModelRunner, profile_peak_memory, resolve_backend, to_device
 from lmstack.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmstack.engine.sequence import PLACEHOLDER, Request, Sequence, SequenceStatus
 from lmstack.errors import ConfigError, RequestError
@@ -33,6 +33,8 @@ from lmstack.infer.sampling import (
 )
 from lmstack.infer.stopping import SequenceState
 from lmstack.model.fusion import fuse_pointwise
+
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass
@@ -54,6 +56,9 @@ class EngineConfig:
     # compiled norm / RoPE / SwiGLU-gate kernels in the eager forward (model/fusion.py). Off by
     # default until measured on a GPU; it compiles on first use (seconds on CUDA, longer on CPU)
     fuse_pointwise: bool = False
+    # "auto": the model's dtype; "fp8": float8_e4m3fn, half the bytes of bf16 per cached token (twice
+    # the blocks in the same memory, half the attention reads), unscaled and clamped to +-448
+    kv_cache_dtype: str = "auto"
 
     def validate(self) -> EngineConfig:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -69,7 +74,12 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.cpu_kv_cache_gib <= 0:
             raise ConfigError(f"cpu_kv_cache_gib={self.cpu_kv_cache_gib} must be > 0")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         return self
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -114,11 +124,12 @@ class EngineCore:
         self.vocab_size = mc.vocab_size
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         num_blocks = config.num_blocks or self._blocks_from_memory()
-        self.kv = PagedKVCache(mc, num_blocks, config.block_size, self.device, model.dtype)
+        self.kv = PagedKVCache(mc, num_blocks, config.block_size, self.device, config.kv_dtype(model.dtype))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.enable_chunked_prefill), self.blocks)
+        self._check_kv_dtype(config)
         self.runner = ModelRunner(model, self.kv, backend=config.attention_backend, cuda_graphs=config.cuda_graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.eos_token_ids = eos_ids_for(model, tokenizer, GenerationConfig())
@@ -133,10 +144,20 @@ class EngineCore:
         self._num_sync_requests = 0  # active requests whose sampling needs every past token on the host
         self._counters = EngineStats(kv_blocks_total=num_blocks, block_size=config.block_size)
 
+    def _check_kv_dtype(self, config: EngineConfig) -> None:
+        """Triton converts fp8 (e4m3) in registers only on compute capability >= 8.9 (Ada, Hopper)."""
+        if (self.kv.k.dtype.itemsize == 1 and self.device.type == "cuda"
+                and resolve_backend(config.attention_backend, self.device) == "triton"
+                and torch.cuda.get_device_capability(self.device) < (8, 9)):
+            raise ConfigError(
+                f"kv_cache_dtype={config.kv_cache_dtype!r} with the Triton attention kernel needs a GPU of compute "
+                f"capability >= 8.9; this one is {torch.cuda.get_device_capability(self.device)}. Use "
+                "kv_cache_dtype='auto', or attention_backend='reference' (slower)")
+
     # ---- memory -----------------------------------------------------------------------------
     def _blocks_from_memory(self) -> int:
         mc, cfg = self.model.config, self.config
-        per_block = PagedKVCache.bytes_per_block(mc, cfg.block_size, self.model.dtype)
+        per_block = PagedKVCache.bytes_per_block(mc, cfg.block_size, cfg.kv_dtype(self.model.dtype))
         if self.device.type != "cuda":
             return max(1, int(cfg.cpu_kv_cache_gib * 2**30) // per_block)
         # nano-vllm's rule: what the budget leaves after the weights and the peak of one full step.

@@ -4,7 +4,8 @@ One program handles `block_q` query tokens of one sequence and one KV head: the 
 are those tokens times the query heads that share the KV head (GQA), so each key block is
 read once per group. It walks the sequence's block table a tile of keys at a time (tiles
 need not match the cache's block size), applies the causal and sliding-window masks by
-position, and keeps an online softmax in float32 (FlashAttention's recurrence). Decode
+position, and keeps an online softmax in float32 (FlashAttention's recurrence). An fp8 cache
+(`kv_cache_dtype="fp8"`) is read as fp8 and converted to the query's dtype in registers. Decode
 batches replay it inside CUDA graphs, so its launch metadata lives in fixed tensors.
 We own this kernel because no installed library attends over our block layout; it is
 checked against `attention.reference_attention` (CUDA tests, and TRITON_INTERPRET=1 on CPU).
@@ -84,7 +85,7 @@ if triton is not None:
             page = tl.load(block_tables + seq * stride_bt + keys // BLOCK_SIZE, mask=key_valid, other=0)
             offset = page.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
             kv_mask = key_valid[:, None] & dim_valid[None, :]
-            k = tl.load(K + offset[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(K + offset[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -98,7 +99,7 @@ if triton is not None:
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + offset[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + offset[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:

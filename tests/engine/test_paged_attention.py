@@ -93,6 +93,26 @@ def test_reference_attention_equals_dense_float64(case):
     assert (out.double() - dense_float64(q, k, v, meta, window)).abs().max() < 1e-5
 
 
+def as_fp8(cache: torch.Tensor) -> torch.Tensor:
+    """A cache as `kv_cache_dtype="fp8"` stores it (what write_kv does to every key and value)."""
+    from lmstack.engine.attention import to_cache_dtype
+
+    cache = cache.clone()
+    cache.view(-1)[::97] *= 1000  # a few values beyond the format's +-448: they must be clamped, not NaN
+    return to_cache_dtype(cache, torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("case", CASES[1:3])
+def test_reference_attention_reads_an_fp8_cache_exactly(case):
+    q, k, v, meta, window = make_case(**case)
+    k8, v8 = as_fp8(k), as_fp8(v)
+    assert k8.float().abs().max() == 448 and torch.isfinite(k8.float()).all()  # clamped, never NaN
+    out = reference_attention(q, k8, v8, meta, window)
+    # the float64 reference over the very values the fp8 cache holds: only float32 rounding differs
+    ref = dense_float64(q, k8.float(), v8.float(), meta, window)
+    assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
 TRITON_SCRIPT = """
 import sys, torch
 sys.path.insert(0, "tests/engine")
@@ -104,6 +124,15 @@ for case in CASES:
     meta = with_query_blocks(meta, group, decode_only=all(n == 1 for n in case["qlens"]))
     err = (triton_attention(q, k, v, meta, window).double() - dense_float64(q, k, v, meta, window)).abs().max()
     assert err < 1e-5, (case, float(err))
+from test_paged_attention import as_fp8
+for case in CASES[1:3]:  # an fp8 cache, converted to the query dtype inside the kernel
+    q, k, v, meta, window = make_case(**case)
+    k, v = as_fp8(k), as_fp8(v)
+    group = case["heads"][0] // case["heads"][1]
+    meta = with_query_blocks(meta, group, decode_only=False)
+    ref = dense_float64(q, k.float(), v.float(), meta, window)
+    err = (triton_attention(q, k, v, meta, window).double() - ref).abs().max()
+    assert err < 1e-5 * ref.abs().max(), (case, float(err))
 print("ok")
 """
 

@@ -28,7 +28,7 @@ def _cli(*args, **kwargs):
 def test_help_lists_the_flags():
     out = _cli("serve", "--help")
     assert out.returncode == 0
-    for flag in ("--host", "--port", "--api_key", "--max_waiting", "--max_model_len", "--safety_config",
+    for flag in ("--host", "--port", "--api_key", "--max_waiting", "--max_model_len", "--safety_config", "--kv_cache_dtype",
                  "--request_timeout", "--shutdown_timeout", "default: 127.0.0.1"):
         assert flag in out.stdout, flag
 
@@ -44,6 +44,8 @@ def test_bad_model_directory_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     out = _cli("serve", str(tmp_path), "--safety-config", str(bad))
     assert out.returncode == 2 and "is not a valid regular expression" in out.stderr
+    out = _cli("serve", str(tmp_path), "--kv-cache-dtype", "int4")
+    assert out.returncode == 2 and "--kv_cache_dtype 'int4' is not one of auto, fp8, fp8_e4m3" in out.stderr
 
 
 def _free_port() -> int:
