@@ -210,7 +210,8 @@ def make_lmstack_step(args, out: Path, variant: str):
                          seq_len=args.seq, batch_size=args.batch, max_steps=10**6, warmup_steps=10, lr=6e-4,
                          min_lr=6e-5, compile=args.compile == "true", device=args.device, eval_every=0, save_every=0,
                          progress=False, tensorboard=False,
-                         compile_mode="max-autotune-no-cudagraphs" if variant == "max-autotune" else "default")
+                         compile_mode="max-autotune-no-cudagraphs" if variant == "max-autotune" else "default",
+                         loss_chunk_tokens=4096 if variant == "chunked-loss" else 0)
     trainer = Trainer(config, train_data=RandomTokens(args.vocab, args.seq))
     trainer.model.train()
 
@@ -277,10 +278,15 @@ def bench_gpt2(args) -> None:
             ng = GPT(GPTConfig(block_size=1024, vocab_size=args.vocab, n_layer=12, n_head=12, n_embd=768,
                                bias=False)).to(device).train()
             steps["nanoGPT model + loop"] = make_loop_step(ng, args, lambda m, x, y: m(x, y)[1])
+        peaks = {}
         for name, run in steps.items():
             t0 = time.perf_counter()
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             run(args.warmup)
             synchronize(device)
+            if device.startswith("cuda"):
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**30
             print(f"{name}: warm-up (incl. compile) {time.perf_counter() - t0:.1f} s", flush=True)
         times = {name: [] for name in steps}
         for _ in range(args.rounds):
@@ -299,6 +305,8 @@ def bench_gpt2(args) -> None:
              f"log_every={args.steps}); "
              f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps; "
              f"torch threads: {torch.get_num_threads()}.")
+    if peaks:
+        notes += " Peak GPU memory during warm-up (GiB): " + ", ".join(f"{n} {g:.1f}" for n, g in peaks.items()) + "."
     if device == "cpu":
         notes += " The 2-core machine is shared with other jobs: compare the ratio, not absolute figures."
     if args.no_record:
@@ -329,7 +337,8 @@ def main() -> None:
     g.add_argument("--warmup", type=int, default=3)
     g.add_argument("--variants", default="default",
                    help="comma-separated lmstack variants: default, cudnn (cuDNN attention first), "
-                        "max-autotune (compile_mode max-autotune-no-cudagraphs; minutes to compile)")
+                        "max-autotune (compile_mode max-autotune-no-cudagraphs; minutes to compile), "
+                        "chunked-loss (loss_chunk_tokens=4096: no full logits)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

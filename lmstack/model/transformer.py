@@ -27,7 +27,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was computed in chunks (loss_chunk_tokens)
     loss: torch.Tensor | None = None  # the training objective: ce_loss (+ coef * aux_loss for MoE)
     ce_loss: torch.Tensor | None = None  # mean cross-entropy over unmasked label positions
     aux_loss: torch.Tensor | None = None  # MoE load-balancing term (computed when labels are given)
@@ -80,6 +80,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False
+        self.loss_chunk_tokens = 0  # > 0: the loss (given labels) is computed in chunks, without logits
         if not self.embed.weight.is_meta:
             self.apply(self._init_weights)
             self._init_residual_projections()
@@ -170,6 +171,10 @@ class Transformer(nn.Module):
                 router_logits.append(r)
         x = self.norm(x)
         hidden = x if output_hidden_states else None
+        if labels is not None and self.loss_chunk_tokens:
+            out = CausalLMOutput(logits=None, hidden_states=hidden)  # no (tokens x vocab) logits at all
+            out.ce_loss = self._chunked_loss(x, labels, shift_labels)
+            return self._add_aux_loss(out, router_logits, attention_mask)
         if isinstance(logits_to_keep, torch.Tensor):
             x = x[:, logits_to_keep]
         elif logits_to_keep:
@@ -178,16 +183,31 @@ class Transformer(nn.Module):
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         out = CausalLMOutput(logits=logits, hidden_states=hidden)
-        if router_logits and labels is not None:  # training only: decoding would pay for it every token
+        if labels is None:
+            return out
+        out.ce_loss = cross_entropy(logits, labels, shift_labels)
+        return self._add_aux_loss(out, router_logits, attention_mask)
+
+    def _add_aux_loss(self, out: CausalLMOutput, router_logits: list, attention_mask) -> CausalLMOutput:
+        """loss = ce_loss (+ the MoE load-balancing term; computed with labels only: decoding would
+        pay for it every token)."""
+        out.loss = out.ce_loss
+        if router_logits:
             token_mask = attention_mask.reshape(-1) if attention_mask is not None else None
             out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
                                                self.config.num_experts_per_tok, token_mask)
-        if labels is not None:
-            out.ce_loss = cross_entropy(logits, labels, shift_labels)
-            out.loss = out.ce_loss
-            if out.aux_loss is not None:
-                out.loss = out.ce_loss + self.config.router_aux_loss_coef * out.aux_loss
+            out.loss = out.ce_loss + self.config.router_aux_loss_coef * out.aux_loss
         return out
+
+    def _chunked_loss(self, x: torch.Tensor, labels: torch.Tensor, shift_labels: bool) -> torch.Tensor:
+        from lmstack.model.chunked_loss import chunked_cross_entropy
+
+        if shift_labels:
+            x, labels = x[:, :-1], labels[:, 1:]
+        if x.shape[:2] != labels.shape[:2]:
+            raise ValueError(f"labels {tuple(labels.shape)} do not match the hidden states {tuple(x.shape[:2])}")
+        weight = self.lm_head.weight[: self.config.vocab_size]  # padded vocabulary rows never score
+        return chunked_cross_entropy(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), self.loss_chunk_tokens)
 
     # ---- conveniences ------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -232,7 +252,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool
         logits, labels = logits[:, :-1], labels[:, 1:]
     if logits.shape[:2] != labels.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}")
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32; float64 stays
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)
     return total / count

@@ -47,6 +47,7 @@ class TrainConfig:
         compile: torch.compile the model; default: on for CUDA, off on CPU.
         compile_mode: torch.compile mode: default, max-autotune-no-cudagraphs (slower to compile, may run faster), reduce-overhead or max-autotune.
         activation_checkpointing: Recompute activations in the backward pass to save memory.
+        loss_chunk_tokens: Compute the LM head and loss this many tokens at a time, gradients included (0: all at once). Saves the (tokens x vocab) logits memory, the largest activation with big vocabularies; not with FSDP.
         pad_vocab_to_multiple: Pad the embedding rows to a multiple of this for speed (outputs and saved files unchanged).
         distributed: How to split work under torchrun: ddp (replicate) or fsdp (FSDP2, shard parameters).
         device: auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK).
@@ -93,6 +94,7 @@ class TrainConfig:
     compile: bool | None = None
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 0
     pad_vocab_to_multiple: int = 64
     distributed: Literal["ddp", "fsdp"] = "ddp"
     device: str = "auto"
@@ -123,7 +125,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "sample_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "loss_chunk_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
@@ -145,6 +147,9 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.loss_chunk_tokens and self.distributed == "fsdp":
+            raise ConfigError("loss_chunk_tokens needs the whole LM head weight, which FSDP shards; "
+                              "use --distributed ddp or --loss_chunk_tokens 0")
         if not isinstance(self.model_overrides, dict):
             raise ConfigError(f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
 

@@ -77,6 +77,7 @@ class Trainer:
         seed_everything(c.seed)
         raw = build_model(c, self.model_config, model, self.resume_from, self.device)
         raw.gradient_checkpointing = c.activation_checkpointing
+        raw.loss_chunk_tokens = c.loss_chunk_tokens
         self.flops_per_token = raw.flops_per_token(c.seq_len)
         self.num_parameters = raw.num_parameters()
         self.raw_model = D.wrap_model(raw, c.distributed, self.dist) if c.distributed == "fsdp" else raw

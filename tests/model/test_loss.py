@@ -56,3 +56,52 @@ def test_padded_vocab_keeps_outputs(tmp_path):
     a, b = small(ids, labels=ids), padded(ids, labels=ids)
     assert b.logits.shape[-1] == 250
     assert torch.allclose(a.logits, b.logits, atol=1e-6) and torch.allclose(a.loss, b.loss, atol=1e-6)
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_chunked_loss_equals_torch_cross_entropy_in_float64():
+    """loss_chunk_tokens: same loss and gradients as F.cross_entropy on full logits (float64), with
+    ignored labels, a padded vocabulary, tied embeddings, both label layouts and a ragged last chunk."""
+    for preset, vocab, tied in (("tiny-llama", 250, False), ("tiny-gpt2", 256, True)):
+        config = lmstack.get_preset(preset).replace(vocab_size=vocab, pad_vocab_to_multiple=64,
+                                                     tie_embeddings=tied)
+        model, _ = lmstack.load(preset, random_init=True, seed=0, config=config)
+        model = model.double()
+        ids = torch.randint(0, vocab, (3, 16))
+        labels = ids.clone()
+        labels[0, :5] = -100
+        for shift in (True, False):
+            model.loss_chunk_tokens = 0
+            logits = model(ids).logits  # the reference: torch's cross-entropy on the full logits
+            logits, target = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
+            ref = F.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=-100)
+            want = _grads(model, ref)
+            model.loss_chunk_tokens = 7  # 45 or 48 tokens: the last chunk is partial
+            chunked = model(ids, labels=labels, shift_labels=shift)
+            assert chunked.logits is None  # never materialised
+            assert abs(chunked.loss.item() - ref.item()) <= 1e-12
+            got = _grads(model, chunked.loss)
+            assert got.keys() == want.keys()
+            for name in want:
+                assert torch.allclose(got[name], want[name], atol=1e-12, rtol=1e-10), (preset, shift, name)
+
+
+def test_chunked_loss_under_bf16_autocast_follows_the_full_loss():
+    model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
+    ids = torch.randint(0, 256, (2, 32))
+    results = []
+    for chunk in (0, 16):
+        model.loss_chunk_tokens = chunk
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        results.append((loss.item(), _grads(model, loss)))
+    (full, want), (chunked, got) = results
+    assert abs(full - chunked) <= 1e-3 * abs(full)  # bf16 matmuls, float32 softmax on both paths
+    for name in want:
+        scale = want[name].abs().max().item()
+        assert (got[name] - want[name]).abs().max().item() <= 0.02 * scale + 1e-6, name

@@ -13,7 +13,7 @@ from toy_data import ToyTokenDataset
 from train_helpers import ListData, tiny_config, toy_trainer
 
 import lmstack
-from lmstack.errors import TrainingError
+from lmstack.errors import ConfigError, TrainingError
 from lmstack.train import Trainer
 from lmstack.train.batches import Batch
 
@@ -176,6 +176,18 @@ def test_fit_reads_each_loss_one_step_late_except_at_log_steps(tmp_path, monkeyp
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 5]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     assert not trainer._pending  # nothing left unread at the end
+
+
+def test_chunked_loss_trains_like_the_full_loss(tmp_path):
+    plain = toy_trainer(tmp_path / "plain")
+    a = [plain.train_step() for _ in range(4)]
+    chunked = toy_trainer(tmp_path / "chunked", loss_chunk_tokens=24)  # 4 x 16 tokens: 3 chunks
+    assert chunked.raw_model.loss_chunk_tokens == 24
+    b = [chunked.train_step() for _ in range(4)]
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+    assert chunked.evaluate()["val_loss"] == pytest.approx(plain.evaluate()["val_loss"], abs=1e-4)
+    with pytest.raises(ConfigError, match="loss_chunk_tokens needs the whole LM head weight, which FSDP shards"):
+        tiny_config(tmp_path / "fsdp", loss_chunk_tokens=8, distributed="fsdp")
 
 
 def test_activation_checkpointing_gives_the_same_steps(tmp_path):
