@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import append_results, markdown_table, median, synchronize
+from common import markdown_table, median, report, synchronize
 
 import lmstack
 from lmstack.infer import GenerationConfig, generate, make_decoder
@@ -247,10 +247,7 @@ def main() -> None:
              f"{ids.numel()} held-out byte tokens of {Path(args.eval_text).name if Path(args.eval_text).is_file() else 'a fixed string'}")
     if device == "cpu":
         notes += "; shared 2-core machine, other jobs running: absolute figures are noisy, the ratio less so"
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results(f"bench_decode: {preset} single-request decode ({device})", table, notes)
+    report(f"bench_decode: {preset} single-request decode ({device})", table, notes, args.no_record)
     tmp.cleanup()
 
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 import torch
-from common import append_results, markdown_table, synchronize
+from common import markdown_table, report, synchronize
 
 import lmstack
 from lmstack.config import get_preset
@@ -368,11 +368,7 @@ def main() -> None:
                      f"({peak.name})")
     table = markdown_table(["", "requests", "output tokens", "seconds", "output tok/s", "total tok/s",
                             "engine speed-up"], rows)
-    if args.no_record:
-        print(table)
-        print("\n".join(notes))
-    else:
-        append_results("bench_engine: offline throughput, nano-vllm workload", table, "; ".join(notes))
+    report("bench_engine: offline throughput, nano-vllm workload", table, "; ".join(notes), args.no_record)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import time
 
 import torch
-from common import append_results, markdown_table
+from common import markdown_table, report
 
 
 def one_variant(args) -> dict:
@@ -83,10 +83,7 @@ def main() -> None:
     table = markdown_table(["LM head + cross-entropy, fwd+bwd", "ms (median)", f"peak GiB ({peak_kind})", "loss"], rows)
     notes = (f"{args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, {args.device}; median of "
              f"{args.repeats} runs after one warm-up, each variant in its own process; equal losses show the same math")
-    if args.no_record:
-        print(table + "\n" + notes)
-    else:
-        append_results("bench_loss: chunked LM head + cross-entropy vs full logits", table, notes)
+    report("bench_loss: chunked LM head + cross-entropy vs full logits", table, notes, args.no_record)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import contextlib
 
 import torch
-from common import append_results, throughput_table, timed
+from common import report, throughput_table, timed
 
 import lmstack
 
@@ -87,10 +87,7 @@ def main() -> None:
                              cfg.flops_per_token(args.seq), peak)
     notes = (f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}, {args.dtype}, compile={args.compile}, "
              f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps each")
-    if args.no_record:
-        print(table + "\n" + notes)
-    else:
-        append_results("bench_model: GPT-2 124M forward+backward vs transformers", table, notes)
+    report("bench_model: GPT-2 124M forward+backward vs transformers", table, notes, args.no_record)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import append_results, markdown_table, synchronize, throughput_table, timed
+from common import markdown_table, report, synchronize, throughput_table, timed
 
 SHAKESPEARE = {
     # nanoGPT README's CPU command on config/train_shakespeare_char.py
@@ -167,10 +167,7 @@ def bench_shakespeare(args) -> None:
              f"and report). torch threads: {torch.get_num_threads()}; run order: {args.order}.")
     if device == "cpu":
         notes += " The 2-core machine is shared with other jobs: absolute times vary with their load."
-    if args.no_record:
-        print(table + "\n" + notes)
-    else:
-        append_results("bench_train: Shakespeare-char, nanoGPT vs lmstack", table, notes)
+    report("bench_train: Shakespeare-char, nanoGPT vs lmstack", table, notes, args.no_record)
 
 
 # ---- (b) GPT-2 124M training throughput ------------------------------------------------------------
@@ -309,10 +306,7 @@ def bench_gpt2(args) -> None:
         notes += " Peak GPU memory during warm-up (GiB): " + ", ".join(f"{n} {g:.1f}" for n, g in peaks.items()) + "."
     if device == "cpu":
         notes += " The 2-core machine is shared with other jobs: compare the ratio, not absolute figures."
-    if args.no_record:
-        print(table + "\n" + notes)
-    else:
-        append_results("bench_train: GPT-2 124M training throughput vs transformers", table, notes)
+    report("bench_train: GPT-2 124M training throughput vs transformers", table, notes, args.no_record)
 
 
 def main() -> None:

@@ -72,6 +72,14 @@ def append_results(title: str, table: str, notes: str = "") -> None:
     print(section)
 
 
+def report(title: str, table: str, notes: str, no_record: bool) -> None:
+    """Print the table (--no-record) or append it, dated, to RESULTS.md."""
+    if no_record:
+        print(table + "\n\n" + notes)
+    else:
+        append_results(title, table, notes)
+
+
 def throughput_table(title: str, times: dict[str, list[float]], tokens_per_step: int, flops_per_token: float,
                      peak_flops: float | None) -> str:
     """Median ms/step, tokens/s and MFU per implementation, then lmstack's ratio to transformers."""
