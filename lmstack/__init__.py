@@ -8,7 +8,7 @@ Attributes are imported lazily so the `lmstack` command starts without loading t
 
 from __future__ import annotations
 
-import importlib
+from lmstack.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -25,10 +25,4 @@ _LAZY = {
     "AsyncEngine": "lmstack.engine",
     "SamplingParams": "lmstack.infer.params",
 }
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lmstack' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _LAZY)

@@ -5,8 +5,7 @@ Imports are lazy so `import lmstack.data` stays cheap (workers and the CLI impor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lmstack.lazy import lazy_exports
 
 _EXPORTS = {
     "TokenDataset": "lmstack.data.dataset",
@@ -24,10 +23,4 @@ _EXPORTS = {
     "tokenize_preference": "lmstack.data.preference",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lmstack.data' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

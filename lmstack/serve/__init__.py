@@ -6,8 +6,7 @@ safety config) before paying for FastAPI and torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lmstack.lazy import lazy_exports
 
 _EXPORTS = {
     "ServeLimits": "lmstack.serve.admission",
@@ -17,10 +16,4 @@ _EXPORTS = {
     "run_server": "lmstack.serve.server",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lmstack.serve' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

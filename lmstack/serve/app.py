@@ -30,7 +30,7 @@ from lmstack.serve.errors import APIError, bad_request, install_error_handlers, 
 from lmstack.serve.generation import until_disconnected
 from lmstack.serve.logprobs import TokenTexts
 from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
-from lmstack.serve.params import check_model
+from lmstack.serve.params import as_batch, check_model
 from lmstack.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -242,14 +242,7 @@ async def _embeddings(state: ServeState, body: EmbeddingRequest, request: Reques
     model = check_model(state, body.model)
     state.require_engine()
     engine = state.engine
-    inputs = body.input
-    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-        inputs = [inputs]
-    if not inputs:
-        raise bad_request("input is an empty list; give at least one text", param="input")
-    if len(inputs) > state.config.limits.max_prompts:
-        raise bad_request(f"{len(inputs)} inputs in one request; this server allows at most "
-                          f"{state.config.limits.max_prompts}", param="input")
+    inputs = as_batch(state, body.input, "input", "text")
     if body.dimensions is not None and body.dimensions != engine.hidden_size:
         raise bad_request(f"dimensions={body.dimensions} is not supported: this model's embeddings have "
                           f"{engine.hidden_size} dimensions", param="dimensions", code="unsupported_parameter")

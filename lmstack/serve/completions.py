@@ -29,6 +29,7 @@ from lmstack.serve.generation import (
 )
 from lmstack.serve.logprobs import completion_logprobs
 from lmstack.serve.params import (
+    as_batch,
     check_engine_accepts,
     check_model,
     check_prompt_length,
@@ -67,15 +68,7 @@ class _Choice:
 def _prompts(state: Any, prompt: Any, add_special_tokens: bool) -> list[tuple[list[int], str]]:
     """(ids, text) per prompt, whatever form `prompt` came in."""
     tok = state.tokenizer
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        prompt = [prompt]
-    if not prompt:
-        raise bad_request("prompt is an empty list; give at least one prompt", param="prompt")
-    if len(prompt) > state.config.limits.max_prompts:
-        raise bad_request(f"{len(prompt)} prompts in one request; this server allows at most "
-                          f"{state.config.limits.max_prompts}", param="prompt")
+    prompt = as_batch(state, prompt, "prompt", "prompt")
     out = []
     for p in prompt:
         if isinstance(p, str):

@@ -23,6 +23,18 @@ def check_model(state: Any, model: str | None) -> str:
                    param="model", code="model_not_found")
 
 
+def as_batch(state: Any, value: Any, param: str, noun: str) -> list:
+    """One text / token-id list or a list of them -> a non-empty list within the server's max_prompts."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        value = [value]
+    if not value:
+        raise bad_request(f"{param} is an empty list; give at least one {noun}", param=param)
+    limit = state.config.limits.max_prompts
+    if len(value) > limit:
+        raise bad_request(f"{len(value)} {param}s in one request; this server allows at most {limit}", param=param)
+    return value
+
+
 def check_prompt_length(state: Any, num_tokens: int, param: str = "prompt") -> None:
     limit = state.engine.max_model_len
     if num_tokens == 0:

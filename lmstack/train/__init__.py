@@ -5,13 +5,7 @@ Imported lazily so the CLI can read `TrainConfig` for `--help` without loading t
 
 from __future__ import annotations
 
-import importlib
+from lmstack.lazy import lazy_exports
 
 _LAZY = {"TrainConfig": "lmstack.train.config", "Trainer": "lmstack.train.trainer"}
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lmstack.train' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _LAZY)
