@@ -173,7 +173,9 @@ def main() -> None:
             from lmstack.infer.quantize import quantize
 
             quantize(model, v, group_size=args.group_size)
-        decoder = make_decoder(model, compile_)
+        # --compile auto times what a user's plain generate(model, ...) call does (its decoder,
+        # compiled or packed, is kept per model); yes/no forces the path with an explicit decoder
+        decoder = make_decoder(model, compile_) if compile_ is not None else None
         models[v] = model
         runs[v] = ((lambda m=model, d=decoder: lmstack_run(m, d, prompt, new_tokens)),
                    (lambda m=model, d=decoder: lmstack_run(m, d, prompt, 1)))

@@ -172,7 +172,8 @@ _compiled_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def make_decoder(model: Transformer, compile: bool | None = None) -> Decoder:
     """The compiled static-cache decoder on CUDA; on a CPU the eager one, over oneDNN-packed
-    weights when the model is fp32 and small enough to hold them twice (see cpu_packing).
+    weights when the model is fp32 and small enough to hold them twice (see cpu_packing; the
+    packed copy is kept per model too, and made again after the weights change).
 
     The compiled decoder is kept per model (while the model lives) and handed out again: a new
     one would compile and record its CUDA graphs again, tens of seconds per `generate` call."""
@@ -183,8 +184,8 @@ def make_decoder(model: Transformer, compile: bool | None = None) -> Decoder:
             _compiled_decoders[model] = CompiledDecoder(model, compile=True)
         return _compiled_decoders[model]
     if model.device.type == "cpu":
-        from lmstack.infer.cpu_packing import can_pack, packed_for_cpu_decoding
+        from lmstack.infer.cpu_packing import can_pack, packed_view
 
         if can_pack(model):
-            return Decoder(packed_for_cpu_decoding(model))
+            return Decoder(packed_view(model))
     return Decoder(model)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hf_models import randomize_
 
 import lmstack
-from lmstack.infer.cpu_packing import PackedLinear, can_pack, packed_for_cpu_decoding
+from lmstack.infer.cpu_packing import PackedLinear, can_pack, packed_for_cpu_decoding, packed_view
 from lmstack.infer.decoder import Decoder, make_decoder
 from lmstack.model import KVCache
 
@@ -47,3 +47,32 @@ def test_only_plain_fp32_models_are_packed():
     assert isinstance(make_decoder(model).model.lm_head, PackedLinear)
     assert not can_pack(model.to(torch.bfloat16))
     assert isinstance(Decoder(model).model.lm_head, torch.nn.Linear)  # an explicit Decoder keeps the model
+
+
+def test_packed_copy_is_kept_until_a_weight_changes():
+    model, _ = lmstack.load("tiny-gpt2", random_init=True, seed=0)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 9))
+    first = make_decoder(model).model
+    assert make_decoder(model).model is first  # not packed again for every generate()
+
+    def packed_logits_follow_the_model():
+        view = make_decoder(model).model
+        with torch.inference_mode():
+            return view, (view(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(ids, labels=ids).loss.backward()
+    opt.step()  # in-place update: every weight's version moves
+    after_step, same = packed_logits_follow_the_model()
+    assert after_step is not first and same
+    with torch.inference_mode():
+        model.layers[0].mlp.up.weight.mul_(2.0)  # an edit made under inference mode is seen too
+    after_edit, same = packed_logits_follow_the_model()
+    assert after_edit is not after_step and same
+    model.load_state_dict(lmstack.load("tiny-gpt2", random_init=True, seed=1)[0].state_dict())
+    after_load, same = packed_logits_follow_the_model()
+    assert after_load is not after_edit and same
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.padded_vocab_size, bias=False)
+    assert packed_view(model).lm_head.out_features == model.config.padded_vocab_size
+    assert packed_logits_follow_the_model()[1]  # a swapped module is a new tensor: packed again
