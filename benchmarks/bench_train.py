@@ -103,7 +103,7 @@ def run_lmstack(train_dir: Path, val_dir: Path, out: Path, device: str, s: dict,
         model="tiny-gpt2", data=str(train_dir), val_data=str(val_dir), out_dir=str(out),
         model_overrides=dict(num_layers=s["n_layer"], num_heads=s["n_head"], hidden_size=s["n_embd"],
                              intermediate_size=4 * s["n_embd"], max_position_embeddings=s["block_size"],
-                             activation="gelu"),
+                             activation="gelu", attn_qkv_bias=False, attn_out_bias=False, mlp_bias=False),
         seq_len=s["block_size"], batch_size=s["batch_size"], max_steps=s["max_iters"], lr=1e-3, min_lr=1e-4,
         schedule="cosine", warmup_steps=100, decay_steps=s["lr_decay_iters"], weight_decay=0.1,
         decay_embeddings=True, beta1=0.9, beta2=0.99, grad_clip=1.0, dropout=s["dropout"], compile=s["compile"],
@@ -161,10 +161,11 @@ def bench_shakespeare(args) -> None:
     notes = (f"{s['n_layer']}L/{s['n_head']}H/{s['n_embd']} wide, context {s['block_size']}, batch {s['batch_size']}, "
              f"{s['max_iters']} iters, lr 1e-3 cosine to 1e-4, dropout {s['dropout']}, compile={s['compile']}; "
              f"eval every 250 iters on {s['eval_iters']} batches (nanoGPT: train and val splits, lmstack: val). "
-             f"nanoGPT: 65-char vocabulary, random windows; lmstack: 256-byte tokenizer (+EOS), GPT-2 family with "
-             f"biases, shuffled windows from `data prepare` shards (tokenizer + prepare took {prep_s:.1f} s, not in "
-             f"wall). Wall = model build + training loop + evals (lmstack also writes its checkpoint, model, plot "
-             f"and report). torch threads: {torch.get_num_threads()}; run order: {args.order}.")
+             f"nanoGPT: 65-char vocabulary, random windows; lmstack: 256-byte tokenizer (+EOS, head padded to 320 "
+             f"rows), GPT-2 family without linear biases as nanoGPT's bias=False (its LayerNorms keep theirs), "
+             f"shuffled windows from `data prepare` shards (tokenizer + prepare took {prep_s:.1f} s, not in wall). "
+             f"Wall = model build + training loop + evals (lmstack also writes its checkpoint, model, plot and report). "
+             f"torch threads: {torch.get_num_threads()}; run order: {args.order}.")
     if device == "cpu":
         notes += " The 2-core machine is shared with other jobs: absolute times vary with their load."
     report("bench_train: Shakespeare-char, nanoGPT vs lmstack", table, notes, args.no_record)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from lmstack.checkpoint.files import WeightFiles, atomic_write_bytes, write_shards
-from lmstack.checkpoint.hf_config import config_to_hf, read_config
-from lmstack.checkpoint.weight_map import IGNORED, strip_prefix_aliases, weight_rules
+from lmstack.checkpoint.hf_config import FAMILY_TO_ARCH, config_to_hf, hf_layout_problems, read_config
+from lmstack.checkpoint.weight_map import IGNORED, implied_zeros, strip_prefix_aliases, weight_rules
 from lmstack.config import ModelConfig
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.model.transformer import Transformer
@@ -81,6 +81,16 @@ def _read_state(config: ModelConfig, files: WeightFiles, dtype: torch.dtype) -> 
                 f"tensor {', '.join(rule.theirs)} in {files.file_of[alias[rule.theirs[0]]]} has shape "
                 f"{tuple(tensor.shape)}, but config.json implies {expected} for {rule.ours}"
             )
+    for name in implied_zeros(config):
+        found = name if name in present else name.removeprefix("transformer.")
+        if found not in present:
+            continue
+        used.add(found)
+        if files.get(found).count_nonzero():
+            raise CheckpointError(
+                f"tensor {found!r} in {files.file_of[found]} is not zero, but this {config.family} model is "
+                "configured without that bias; load the directory with its own config.json to keep it"
+            )
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
         if "lm_head.weight" in present:
@@ -122,8 +132,16 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
             dtype: torch.dtype | str | None = None) -> Path:
     """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = model.config
+    problems = hf_layout_problems(config)
+    if problems:
+        raise CheckpointError(f"cannot save to {directory}: a {FAMILY_TO_ARCH[config.family]} checkpoint cannot hold "
+                              f"this {config.family} model's {'; '.join(problems)}")
+    unsaved = sorted(set(dict(model.named_parameters())) - {r.ours for r in weight_rules(config)})
+    if unsaved:  # a parameter the layout has no place for would be silently lost
+        raise CheckpointError(f"cannot save to {directory}: parameter {unsaved[0]!r} has no place in a "
+                              f"{FAMILY_TO_ARCH[config.family]} checkpoint")
+    directory.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(dtype) or model.dtype
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors: dict[str, torch.Tensor] = {}
@@ -133,6 +151,8 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
             value = value[: config.vocab_size]
         for name, part in zip(rule.theirs, rule.split(value)):
             tensors[name] = part.to(device="cpu", dtype=dtype).contiguous().clone()
+    for name, weight in implied_zeros(config).items():
+        tensors[name] = torch.zeros(params[weight].shape[0], dtype=dtype)
     write_shards(tensors, directory, max_shard_size)
     hf_config = config_to_hf(config.replace(dtype=dtype_name(dtype)))
     atomic_write_bytes(directory / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())

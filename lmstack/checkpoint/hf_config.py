@@ -152,6 +152,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf: dict[str, Any] = {"architectures": [FAMILY_TO_ARCH[cfg.family]], "model_type": MODEL_TYPES[cfg.family]}
     if cfg.family == "gpt2":
         acts = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+        if cfg.activation not in acts:
+            raise ConfigError(f"activation={cfg.activation!r} has no GPT-2 config.json spelling ({', '.join(acts)})")
         hf.update(
             vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
             n_inner=cfg.intermediate_size, n_positions=cfg.max_position_embeddings,
@@ -188,6 +190,40 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     for key, value in cfg.extra.items():
         hf.setdefault(key, value)
     return hf
+
+
+# What a config.json must carry for the model to load back as the same function.
+_ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                "max_position_embeddings", "norm", "norm_eps", "position", "mlp", "activation", "attn_qkv_bias",
+                "attn_out_bias", "mlp_bias", "qk_norm", "tie_embeddings", "num_experts", "num_experts_per_tok")
+
+
+def hf_layout_problems(cfg: ModelConfig) -> list[str]:
+    """What in `cfg` its family's Hugging Face config.json cannot express: saved as is, the model
+    would load back as a different function. Empty when the round trip is exact.
+
+    GPT-2 without linear biases is expressible: it is saved with zero biases (weight_map.implied_zeros)."""
+    arch = FAMILY_TO_ARCH[cfg.family]
+    try:
+        back = config_from_hf(config_to_hf(cfg))
+    except (ConfigError, CheckpointError) as err:
+        return [str(err)]
+    pairs = [(f, getattr(cfg, f), getattr(back, f)) for f in _ARCH_FIELDS]
+    if cfg.position == "rope":
+        pairs += [(f, getattr(cfg, f), getattr(back, f)) for f in ("rope_theta", "rope_scaling")]
+    pairs.append(("layer_types / sliding_window", _attention_layout(cfg), _attention_layout(back)))
+    problems = []
+    for name, ours, theirs in pairs:
+        if ours == theirs or (cfg.family == "gpt2" and name.endswith("_bias") and ours is False):
+            continue
+        problems.append(f"{name}={ours!r} (a {arch} config.json loads it as {theirs!r})")
+    return problems
+
+
+def _attention_layout(cfg: ModelConfig) -> list[tuple[str, int | None]]:
+    """Per layer (kind, window): the attention every layer really does."""
+    kinds = cfg.layer_types or ["sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.num_layers
+    return [(k, cfg.sliding_window if k == "sliding_attention" else None) for k in kinds]
 
 
 def _first_sliding_layer(cfg: ModelConfig) -> int:

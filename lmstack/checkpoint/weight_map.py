@@ -49,12 +49,30 @@ def _gpt2_rules(cfg: ModelConfig) -> list[Rule]:
         for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
             rules += [Rule(f"{o}{ours}.weight", (f"{h}{theirs}.weight",)),
                       Rule(f"{o}{ours}.bias", (f"{h}{theirs}.bias",))]
-        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                             ("mlp.down", "mlp.c_proj")):
-            rules += [Rule(f"{o}{ours}.weight", (f"{h}{theirs}.weight",), "transpose"),
-                      Rule(f"{o}{ours}.bias", (f"{h}{theirs}.bias",))]
+        for ours, theirs, has_bias in _gpt2_linears(cfg):
+            rules.append(Rule(f"{o}{ours}.weight", (f"{h}{theirs}.weight",), "transpose"))
+            if has_bias:
+                rules.append(Rule(f"{o}{ours}.bias", (f"{h}{theirs}.bias",)))
     rules += [Rule("norm.weight", (p + "ln_f.weight",)), Rule("norm.bias", (p + "ln_f.bias",))]
     return rules
+
+
+def _gpt2_linears(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(ours, theirs, whether our model has its bias) for each linear of a GPT-2 block."""
+    return [("attn.qkv", "attn.c_attn", cfg.attn_qkv_bias), ("attn.out", "attn.c_proj", cfg.attn_out_bias),
+            ("mlp.up", "mlp.c_fc", cfg.mlp_bias), ("mlp.down", "mlp.c_proj", cfg.mlp_bias)]
+
+
+def implied_zeros(cfg: ModelConfig) -> dict[str, str]:
+    """HF tensors the layout always holds but this model has no parameter for -> our weight they belong to.
+
+    GPT-2's layout has no switch for linear biases: a GPT-2-family model built without them (as
+    nanoGPT's bias=False) is saved with zero biases, which is the same function, and a checkpoint
+    loaded into such a model must have zero biases there (anything else would be dropped)."""
+    if cfg.family != "gpt2":
+        return {}
+    return {f"transformer.h.{i}.{theirs}.bias": f"layers.{i}.{ours}.weight"
+            for i in range(cfg.num_layers) for ours, theirs, has_bias in _gpt2_linears(cfg) if not has_bias}
 
 
 def _llama_rules(cfg: ModelConfig) -> list[Rule]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lmstack.checkpoint.hf_config import hf_layout_problems
 from lmstack.config import PRESETS, ModelConfig, get_preset
 from lmstack.errors import CheckpointError, ConfigError, DataError
 from lmstack.model.transformer import Transformer
@@ -93,6 +94,11 @@ def model_config_for(config: TrainConfig, model: Transformer | None, data_vocab:
         changes["dropout"] = config.dropout
     if model is None:
         cfg = cfg.replace(**changes)
+    problems = hf_layout_problems(cfg)
+    if problems:  # found now, not when the first checkpoint is written hours later
+        raise ConfigError(f"model {config.model} with model_overrides {config.model_overrides} could not be saved as a "
+                          f"Hugging Face checkpoint: {'; '.join(problems)}; drop those overrides or choose the "
+                          "family whose architecture has them")
     if data_vocab is not None and data_vocab > cfg.vocab_size:
         raise DataError(
             f"the data uses a vocabulary of {data_vocab} tokens but model {config.model} has vocab_size="

@@ -116,3 +116,15 @@ def test_resave_in_place_removes_stale_shards(tmp_path):
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("llama", dict(attn_qkv_bias=True), r"attn_qkv_bias=True \(a LlamaForCausalLM config.json loads it as False\)"),
+    ("qwen2", dict(attn_qkv_bias=False), r"attn_qkv_bias=False \(a Qwen2ForCausalLM config.json loads it as True\)"),
+    ("mistral", dict(layer_types=["full_attention", "sliding_attention"]), r"layer_types / sliding_window="),
+])
+def test_saving_a_model_its_architecture_cannot_hold_is_refused(tmp_path, family, change, message):
+    model = lmstack.Transformer(lmstack.get_preset(f"tiny-{family}").replace(**change))
+    with pytest.raises(CheckpointError, match=f"cannot save to {tmp_path / 'out'}: .*{message}"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written

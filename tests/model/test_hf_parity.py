@@ -122,6 +122,31 @@ def test_sharded_checkpoints_both_ways(family, tmp_path):
     assert torch.equal(_logits_ours(again, ids), _logits_ours(model, ids))
 
 
+def test_gpt2_without_linear_biases_saves_zero_biases_that_transformers_runs(tmp_path):
+    import transformers
+
+    from lmstack.checkpoint.hf import load_hf_model
+    from lmstack.errors import CheckpointError
+
+    config = lmstack.get_preset("tiny-gpt2").replace(attn_qkv_bias=False, attn_out_bias=False, mlp_bias=False)
+    model = randomize_(lmstack.Transformer(config), seed=4).eval()
+    model.save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert ref.transformer.h[0].attn.c_attn.bias.abs().max() == 0  # the biases transformers needs, as zeros
+    ids = torch.randint(0, config.vocab_size, (2, 13))
+    assert (_logits_hf(ref, ids) - _logits_ours(model, ids)).abs().max() <= 1e-4
+    again = load_hf_model(tmp_path, config=config)  # what resuming a bias-free run does
+    assert again.layers[0].mlp.up.bias is None
+    assert torch.equal(_logits_ours(again, ids), _logits_ours(model, ids))
+
+    with torch.no_grad():
+        ref.transformer.h[1].mlp.c_fc.bias[3] = 0.5
+    ref.save_pretrained(tmp_path)  # a real bias there cannot go into a bias-free model unnoticed
+    with pytest.raises(CheckpointError, match=r"'transformer.h.1.mlp.c_fc.bias' in .*model.safetensors is not zero.*"
+                                              r"configured without that bias"):
+        load_hf_model(tmp_path, config=config)
+
+
 def test_load_in_requested_dtype(tmp_path):
     ref = hf_model("qwen3")
     ref.save_pretrained(tmp_path)

@@ -31,6 +31,22 @@ def test_unknown_key_in_python_config(tmp_path):
         toy_trainer(tmp_path, model_overrides={"num_layer": 3})
 
 
+def test_overrides_no_checkpoint_could_hold_are_refused_before_training(tmp_path):
+    # Llama's config.json has one attention_bias switch for q/k/v and o: q/k/v alone would be lost
+    with pytest.raises(ConfigError, match=r"could not be saved as a Hugging Face checkpoint: attn_qkv_bias=True "
+                                          r"\(a LlamaForCausalLM config.json loads it as False\)"):
+        toy_trainer(tmp_path, model_overrides={"attn_qkv_bias": True})
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_gpt2_without_biases_trains_saves_and_resumes(tmp_path):
+    """nanoGPT's bias=False: GPT-2's layout always has biases, so they are saved as zeros."""
+    overrides = {"attn_qkv_bias": False, "attn_out_bias": False, "mlp_bias": False}
+    toy_trainer(tmp_path, model="tiny-gpt2", model_overrides=overrides, max_steps=3, save_every=3).fit()
+    resumed = toy_trainer(tmp_path, model="tiny-gpt2", model_overrides=overrides, max_steps=4, resume=True)
+    assert resumed.step == 3 and resumed.raw_model.layers[0].attn.qkv.bias is None
+
+
 def test_missing_data_directory(tmp_path, capsys):
     code = main(["pretrain", "--data", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "out")])
     assert code == 2
