@@ -33,6 +33,8 @@ def convert(
 
     if Path(out).resolve() == Path(source).resolve():
         raise CheckpointError(f"--out {out} is the source directory; write to a new directory")
+    if Path(out).is_file():
+        raise CheckpointError(f"--out {out} is a file; give a directory to write the model to")
     model, tokenizer = lmstack.load(source, random_init=random_init, dtype=resolve_dtype(dtype), seed=seed)
     path = model.save_pretrained(out, tokenizer=tokenizer, max_shard_size=max_shard_size)
     n = model.num_parameters()

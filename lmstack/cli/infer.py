@@ -10,11 +10,9 @@ import sys
 
 
 def _device(device: str):
-    import torch
+    from lmstack.train.distributed import resolve_device
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve_device(device)
 
 
 def _load(model: str, device: str, dtype: str, need_tokenizer: bool = True):
@@ -147,7 +145,11 @@ def generate(
 
         if not Path(prompt_file).is_file():
             raise ConfigError(f"--prompt_file {prompt_file} does not exist")
-        texts = [line for line in Path(prompt_file).read_text().splitlines() if line.strip()]
+        try:
+            texts = [line for line in Path(prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--prompt_file {prompt_file} is not UTF-8 text ({err.reason} at byte "
+                              f"{err.start}); save it as UTF-8") from None
     else:
         texts = [prompt]
     if chat:
@@ -299,12 +301,16 @@ def quantize(
     """
     from pathlib import Path
 
-    from lmstack.errors import CheckpointError
+    from lmstack.errors import CheckpointError, ConfigError
     from lmstack.infer.quantize import quantize as run_quantize
     from lmstack.infer.quantize import save_quantized
 
     if Path(out).resolve() == Path(model).resolve():
         raise CheckpointError(f"--out {out} is the source directory; write to a new directory")
+    if Path(out).is_file():
+        raise CheckpointError(f"--out {out} is a file; give a directory to write the quantized model to")
+    if eval_text is not None and eval_tokens < 2:
+        raise ConfigError(f"--eval_tokens must be at least 2 to score a next token, got {eval_tokens}")
     net, tokenizer = _load(model, device, "auto", need_tokenizer=eval_text is not None)
     before = _perplexity(net, tokenizer, eval_text, eval_tokens) if eval_text else None
     run_quantize(net, method, group_size=group_size, include_lm_head=include_lm_head)

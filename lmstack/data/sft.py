@@ -270,6 +270,10 @@ class SFTDataset:
         self.stats.examples = len(self.examples)
         self.stats.tokens = sum(len(e[0]) for e in self.examples)
         self.stats.trained_tokens = int(sum((e[1] != IGNORE_INDEX).sum() for e in self.examples))
+        if not self.stats.trained_tokens:  # a run on it would report loss 0 and change nothing
+            raise DataError(f"{source}: none of its {len(self.examples)} conversations keeps an assistant token "
+                            f"within seq_len={seq_len} ({self.stats.truncated} were truncated); raise --seq_len, "
+                            "or check that the conversations have assistant turns")
         self.fingerprint = digest.hexdigest()
         self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         self.epoch, self.step = 0, 0

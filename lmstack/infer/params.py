@@ -90,9 +90,11 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop_strings), "stop", self.stop,
                "must be non-empty strings")
         if vocab_size is not None:
-            ids = list(self.stop_token_ids or []) + list(self.banned_token_ids or []) + list(self.logit_bias or {})
-            bad = [i for i in ids if not 0 <= int(i) < vocab_size]
-            _check(not bad, "token id", bad[:1], f"is outside the vocabulary [0, {vocab_size})")
+            for name, ids in (("stop_token_ids", self.stop_token_ids), ("banned_token_ids", self.banned_token_ids),
+                              ("logit_bias", list(self.logit_bias or {}))):
+                bad = [i for i in ids or [] if not 0 <= int(i) < vocab_size]
+                _check(not bad, name, ids, f"holds token id {bad[0] if bad else None}, outside the vocabulary "
+                                           f"[0, {vocab_size})")
             banned = set(self.banned_token_ids or [])
             _check(len(banned) < vocab_size, "banned_token_ids", f"{len(banned)} ids", "ban every token of the "
                    "vocabulary, so nothing could be generated; ban fewer tokens")

@@ -70,7 +70,10 @@ def open_pretraining_data(data_dir: str | None, seq_len: int, rank: int, world_s
     """
     if data_dir is None:
         raise DataError("no training data: pass --data DIR (a directory made by `lmstack data prepare`)")
-    for p in (data_dir, val_dir):
+    for option, p in (("--data", data_dir), ("--val_data", val_dir)):
+        if p is not None and Path(p).is_file():
+            raise DataError(f"{option} {p} is a file; pretraining reads a directory of token shards: make one with "
+                            f"`lmstack data prepare --input {p} --tokenizer TOK --out DIR` and pass {option} DIR")
         if p is not None and not Path(p).is_dir():
             raise DataError(f"data directory {p} does not exist; create it with `lmstack data prepare --out {p}`")
     from lmstack.data import TokenDataset
@@ -97,7 +100,10 @@ def open_sft_data(path: str | None, val_path: str | None, tokenizer, seq_len: in
     """(train, val or None) chat datasets from JSONL files, loss on assistant tokens only."""
     if path is None:
         raise DataError("no training data: pass --data FILE.jsonl (one conversation per line)")
-    for p in (path, val_path):
+    for option, p in (("--data", path), ("--val_data", val_path)):
+        if p is not None and Path(p).is_dir():
+            raise DataError(f"{option} {p} is a directory; fine-tuning reads a .jsonl (or .json list) file of "
+                            "conversations ({'messages': [{'role': ..., 'content': ...}, ...]} per line)")
         if p is not None and not Path(p).exists():
             raise DataError(f"fine-tuning data {p} does not exist")
     if tokenizer is None:

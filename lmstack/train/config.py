@@ -150,6 +150,9 @@ class TrainConfig:
         if self.loss_chunk_tokens and self.distributed == "fsdp":
             raise ConfigError("loss_chunk_tokens needs the whole LM head weight, which FSDP shards; "
                               "use --distributed ddp or --loss_chunk_tokens 0")
+        if not isinstance(self.sample_prompt, str) or not self.sample_prompt:
+            raise ConfigError(f"sample_prompt must be some text (samples continue it), got {self.sample_prompt!r}; "
+                              "leave it unset for the default 'The'")
         if not isinstance(self.model_overrides, dict):
             raise ConfigError(f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
 

@@ -74,9 +74,15 @@ class Dist:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto (CUDA when present), cpu, cuda or cuda:N, checked against this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r} is not one of auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use --device cpu or auto")
     return device

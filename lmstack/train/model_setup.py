@@ -45,6 +45,28 @@ def load_tokenizer(config: TrainConfig, train_data=None):
     return None
 
 
+def check_tokenizers(config: TrainConfig, tokenizer, train_data, val_data) -> None:
+    """The tokenizer, the data, the validation data and a model directory's own tokenizer must be
+    one tokenizer: ids from another would silently mean other text (and the exported model would
+    ship a tokenizer that does not match its weights). Compared by fingerprint (sha256 of tokenizer.json)."""
+    from lmstack.tokenizer import Tokenizer
+
+    named: list[tuple[str, str]] = []
+    if config.tokenizer is not None and tokenizer is not None:
+        named.append((f"--tokenizer {config.tokenizer}", tokenizer.fingerprint))
+    if Path(config.model).is_dir() and (Path(config.model) / "tokenizer.json").is_file():
+        named.append((f"the model's tokenizer ({config.model})", Tokenizer.load(config.model).fingerprint))
+    for option, path, data in (("--data", config.data, train_data), ("--val_data", config.val_data, val_data)):
+        index = getattr(data, "index", None)
+        if isinstance(index, dict) and "tokenizer" in index:
+            named.append((f"{option} {path or ''}".strip() + " (prepared with it)", index["tokenizer"]["fingerprint"]))
+    for (first, fp_a), (other, fp_b) in zip(named, named[1:]):
+        if fp_a != fp_b:
+            raise DataError(f"{first} and {other} are different tokenizers (fingerprints {fp_a[:12]} vs "
+                            f"{fp_b[:12]}): the same ids would mean other text. Prepare the data with the model's "
+                            "tokenizer: lmstack data prepare --tokenizer MODEL_DIR ...")
+
+
 def apply_overrides(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     """`base` with some fields changed; head_dim and intermediate_size follow a new width unless given."""
     data = base.to_dict()
@@ -99,6 +121,10 @@ def model_config_for(config: TrainConfig, model: Transformer | None, data_vocab:
         raise ConfigError(f"model {config.model} with model_overrides {config.model_overrides} could not be saved as a "
                           f"Hugging Face checkpoint: {'; '.join(problems)}; drop those overrides or choose the "
                           "family whose architecture has them")
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but model {config.model} has vocab_size="
+                        f"{cfg.vocab_size}; use the model's own tokenizer (or a preset, whose vocabulary follows "
+                        "the data)")
     if data_vocab is not None and data_vocab > cfg.vocab_size:
         raise DataError(
             f"the data uses a vocabulary of {data_vocab} tokens but model {config.model} has vocab_size="

@@ -33,7 +33,13 @@ from lmstack.train import distributed as D
 from lmstack.train.batches import Batch, open_pretraining_data, open_sft_data
 from lmstack.train.config import TrainConfig
 from lmstack.train.logging import RunLogger, peak_flops, plot_losses, read_metrics, write_report
-from lmstack.train.model_setup import build_model, load_tokenizer, model_config_for, resolve_precision
+from lmstack.train.model_setup import (
+    build_model,
+    check_tokenizers,
+    load_tokenizer,
+    model_config_for,
+    resolve_precision,
+)
 from lmstack.train.optim import build_optimizer, lr_at
 from lmstack.train.readback import PendingLoss
 from lmstack.train.rng import get_rng_state, seed_everything, set_rng_state
@@ -66,6 +72,7 @@ class Trainer:
             train_data, val_data = open_sft_data(c.data, c.val_data, self.tokenizer, c.seq_len, c.pack,
                                                  rank, world, c.seed)
         self.train_data, self.val_data = train_data, val_data
+        check_tokenizers(c, self.tokenizer, train_data, val_data)
         self.model_config = model_config_for(c, model, getattr(train_data, "vocab_size", None), self.tokenizer)
         if c.seq_len > self.model_config.max_position_embeddings:
             raise ConfigError(
@@ -127,6 +134,9 @@ class Trainer:
                 f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "
                 f"{self.dist.world_size}; each process resumes its own data position, so use the same count"
             )
+        if int(state["step"]) > c.max_steps:
+            raise ConfigError(f"checkpoint {path} is at step {state['step']}, beyond --max_steps {c.max_steps}; "
+                              f"raise --max_steps above {state['step']} to train further")
         return path, state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -318,20 +328,20 @@ class Trainer:
         self.settle()  # a checkpoint must know whether the steps before it were good
         if evaluate:
             self.evaluate_and_log()
+        if save and not self.nonfinite_in_a_row:
+            self.save_checkpoint()  # before the sample: work is kept whatever sampling does
         if sample:
             self.sample_and_log()
-        if save and not self.nonfinite_in_a_row:
-            self.save_checkpoint()
 
     def _finish(self) -> dict[str, Any]:
         c = self.config
         if self.val_data is not None and (self.last_val is None or self.last_val["step"] != self.step):
             self.evaluate_and_log()
-        if self.tokenizer is not None:
-            self.sample_and_log()
         if self.last_saved_step != self.step:
             self.save_checkpoint()
         model_dir = self.export_model(self.out_dir / "model")
+        if self.tokenizer is not None:
+            self.sample_and_log()  # after the model is written: work is kept whatever sampling does
         summary = self.summary(model_dir)
         if self.dist.is_main:
             records = read_metrics(self.out_dir / "metrics.jsonl")

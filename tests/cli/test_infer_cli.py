@@ -61,6 +61,28 @@ def test_generate_stream_beams_and_errors(model_dir, capsys):
         assert code == 2 and message in err
 
 
+def test_bad_devices_files_and_counts_are_named(model_dir, tmp_path, capsys):
+    import torch
+
+    code, _, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "x", "--device", "tpu")
+    assert code == 2 and "device='tpu' is not one of auto, cpu, cuda or cuda:N" in err
+    if not torch.cuda.is_available():
+        code, _, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "x", "--device", "cuda")
+        assert code == 2 and "device='cuda' but CUDA is not available here; use --device cpu or auto" in err
+    (tmp_path / "prompts.txt").write_bytes(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
+    code, _, err = main_cli(capsys, "generate", str(model_dir), "--prompt_file", str(tmp_path / "prompts.txt"),
+                            "--device", "cpu")
+    assert code == 2 and f"--prompt_file {tmp_path / 'prompts.txt'} is not UTF-8 text" in err
+    (tmp_path / "taken").write_text("a file")
+    for command in (("convert", str(model_dir), str(tmp_path / "taken")),
+                    ("quantize", str(model_dir), str(tmp_path / "taken"), "--device", "cpu")):
+        code, _, err = main_cli(capsys, *command)
+        assert code == 2 and f"--out {tmp_path / 'taken'} is a file; give a directory" in err
+    code, _, err = main_cli(capsys, "quantize", str(model_dir), str(tmp_path / "q0"), "--device", "cpu",
+                            "--eval_text", str(tmp_path / "prompts.txt"), "--eval_tokens", "1")
+    assert code == 2 and "--eval_tokens must be at least 2" in err
+
+
 def test_quantize_saves_a_directory_that_generates(model_dir, tmp_path, capsys):
     pytest.importorskip("torchao")
     text = tmp_path / "heldout.txt"

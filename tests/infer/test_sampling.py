@@ -183,8 +183,11 @@ def test_all_tokens_banned_is_a_clear_error():
         _tensors([SamplingParams(banned_token_ids=list(range(V)))])
     with pytest.raises(ConfigError, match="blocks every token"):
         _tensors([SamplingParams(banned_token_ids=list(range(3, V)), stop_token_ids=[0, 1], min_tokens=1)])
-    with pytest.raises(ConfigError, match="outside the vocabulary"):
+    with pytest.raises(ConfigError, match=rf"banned_token_ids=\[{V}\] holds token id {V}, outside the vocabulary"):
         _tensors([SamplingParams(banned_token_ids=[V])])
+    for field, value in (("stop_token_ids", [2, V + 5]), ("logit_bias", {V: 1.0})):  # the option is named
+        with pytest.raises(ConfigError, match=rf"^{field}=.* holds token id {V + 5 if field == 'stop_token_ids' else V}"):
+            SamplingParams(**{field: value}).validate(V)
 
 
 def test_generation_config_max_tokens_aliases():

@@ -1,0 +1,108 @@
+"""Inputs that used to be caught late or not at all: each is refused before the first step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import lmstack
+from lmstack.cli import main
+from lmstack.data import PrepareConfig, SFTDataset, prepare
+from lmstack.errors import ConfigError, DataError
+from lmstack.tokenizer import Tokenizer
+
+TEXT_A = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300))
+TEXT_B = "\n".join(f"The {i}th river runs {i % 5} miles to the sea." for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers(tmp_path_factory):
+    """Two BPE tokenizers of the same size trained on different text, and data prepared with each."""
+    root = tmp_path_factory.mktemp("toks")
+    out = {}
+    for name, text in (("a", TEXT_A), ("b", TEXT_B)):
+        Tokenizer.train([text], 280).save(root / f"tok-{name}")
+        (root / f"{name}.txt").write_text(text)
+        prepare(PrepareConfig(inputs=[str(root / f"{name}.txt")], tokenizer=str(root / f"tok-{name}"),
+                              out=str(root / f"data-{name}"), val_fraction=0.2, text_piece_bytes=2048,
+                              progress=False, workers=1))
+        out[name] = (root / f"tok-{name}", root / f"data-{name}")
+    return out
+
+
+def run(tmp_path, *extra, max_steps: int = 2):
+    return main(["pretrain", "--out_dir", str(tmp_path / "run"), "--seq_len", "16", "--batch_size", "2",
+                 "--max_steps", str(max_steps), "--progress", "false",
+                 "--model_overrides", "{num_layers: 1, hidden_size: 32, num_heads: 2, num_kv_heads: 1}", *extra])
+
+
+def test_data_and_tokenizer_from_different_tokenizers_are_refused(tmp_path, two_tokenizers, capsys):
+    (tok_a, data_a), (tok_b, data_b) = two_tokenizers["a"], two_tokenizers["b"]
+    assert Tokenizer.load(tok_a).vocab_size == Tokenizer.load(tok_b).vocab_size  # sizes alone cannot tell
+    assert run(tmp_path, "--data", str(data_a), "--tokenizer", str(tok_b)) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer {tok_b} and --data {data_a} (prepared with it) are different tokenizers" in err
+    assert "lmstack data prepare --tokenizer MODEL_DIR" in err
+    assert run(tmp_path, "--data", str(data_a), "--val_data", str(data_b)) == 2
+    assert "--val_data" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
+    assert run(tmp_path, "--data", str(data_a), "--tokenizer", str(tok_a)) == 0  # the matching pair trains
+
+
+def test_continued_pretraining_on_data_of_another_tokenizer_is_refused(tmp_path, two_tokenizers, capsys):
+    (_, data_a), (_, data_b) = two_tokenizers["a"], two_tokenizers["b"]
+    assert run(tmp_path, "--data", str(data_a)) == 0
+    model_dir = tmp_path / "run" / "model"  # ships tokenizer A
+    code = main(["pretrain", "--model", str(model_dir), "--data", str(data_b), "--out_dir", str(tmp_path / "more"),
+                 "--seq_len", "16", "--batch_size", "2", "--max_steps", "1", "--progress", "false"])
+    assert code == 2
+    assert f"the model's tokenizer ({model_dir}) and --data {data_b}" in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, two_tokenizers):
+    from lmstack.train import TrainConfig, Trainer
+
+    small, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
+    small.save_pretrained(tmp_path / "small")  # vocab 256, no tokenizer of its own
+    tok_a, data_a = two_tokenizers["a"]
+    config = TrainConfig(model=str(tmp_path / "small"), data=str(data_a), out_dir=str(tmp_path / "o"), seq_len=16,
+                         batch_size=2, max_steps=1, progress=False, tensorboard=False)
+    with pytest.raises(DataError, match=r"the tokenizer has 285 tokens but model .*small has vocab_size=256"):
+        Trainer(config)
+
+
+def test_an_empty_sample_prompt_is_refused_up_front(tmp_path):
+    from lmstack.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="sample_prompt must be some text .* got ''"):
+        TrainConfig(out_dir=str(tmp_path), sample_prompt="")
+
+
+def test_sft_data_with_no_assistant_token_within_seq_len_is_refused(tmp_path, two_tokenizers):
+    tokenizer = Tokenizer.load(two_tokenizers["a"][0])
+    chats = [{"messages": [{"role": "user", "content": "Write a function with a long, long explanation " * 4},
+                           {"role": "assistant", "content": "def f(x): return x"}]}] * 3
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    with pytest.raises(DataError, match=r"chats.jsonl: none of its 3 conversations keeps an assistant token within "
+                                        r"seq_len=16 \(3 were truncated\); raise --seq_len"):
+        SFTDataset(str(tmp_path / "chats.jsonl"), tokenizer, 16)
+
+
+def test_a_file_where_a_directory_is_expected_and_the_reverse(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text(TEXT_A)
+    assert run(tmp_path, "--data", str(tmp_path / "corpus.txt")) == 2
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path / 'corpus.txt'} is a file; pretraining reads a directory of token shards" in err
+    assert "lmstack data prepare --input" in err
+    code = main(["finetune", "--model", "tiny-llama", "--data", str(tmp_path), "--out_dir", str(tmp_path / "o")])
+    assert code == 2
+    assert f"--data {tmp_path} is a directory; fine-tuning reads a .jsonl" in capsys.readouterr().err
+
+
+def test_resuming_past_max_steps_is_refused(tmp_path, two_tokenizers, capsys):
+    data_a = two_tokenizers["a"][1]
+    assert run(tmp_path, "--data", str(data_a), "--save_every", "2") == 0  # checkpoint at step 2
+    assert run(tmp_path, "--data", str(data_a), "--resume", "true", max_steps=1) == 2
+    assert "is at step 2, beyond --max_steps 1; raise --max_steps above 2" in capsys.readouterr().err
+    assert run(tmp_path, "--data", str(data_a), "--resume", "true", max_steps=3) == 0
