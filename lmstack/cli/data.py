@@ -26,6 +26,21 @@ def _require(name: str, value: str | None) -> str:
     return value
 
 
+def _check_out_dir(out: str) -> None:
+    """--out must be a directory (or not exist yet), never a regular file."""
+    from pathlib import Path
+
+    from lmstack.errors import ConfigError
+
+    path = Path(out)
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"is inside {candidate}, which is a file"
+                raise ConfigError(f"--out {out} {where}; give a directory")
+            return
+
+
 def tokenizer_train(
     input: str | list[str] | None = None,
     out: str | None = None,
@@ -57,10 +72,15 @@ def tokenizer_train(
     from tqdm.auto import tqdm
 
     from lmstack.data.sources import BadRecord, iter_documents
+    from lmstack.errors import ConfigError
     from lmstack.tokenizer import Tokenizer
     from lmstack.tokenizer.train import DEFAULT_SPECIAL_TOKENS
 
     inputs, out = _inputs(input), _require("out", out)
+    _check_out_dir(out)
+    if model_max_length < 1:
+        raise ConfigError(f"--model-max-length {model_max_length} must be a positive number of tokens "
+                          "(the longest input the model takes, e.g. 2048)")
     limit = _parse_size(max_bytes)
     bad: list[BadRecord] = []
     seen = {"bytes": 0, "docs": 0}
@@ -77,15 +97,22 @@ def tokenizer_train(
             yield doc.text
 
     started = time.perf_counter()
-    tokenizer = Tokenizer.train(texts(), vocab_size, special_tokens=special_tokens or DEFAULT_SPECIAL_TOKENS,
-                                min_frequency=min_frequency, add_bos_token=add_bos_token,
-                                model_max_length=model_max_length, show_progress=True)
-    bar.close()
+    try:
+        tokenizer = Tokenizer.train(texts(), vocab_size, special_tokens=special_tokens or DEFAULT_SPECIAL_TOKENS,
+                                    min_frequency=min_frequency, add_bos_token=add_bos_token,
+                                    model_max_length=model_max_length, show_progress=True)
+    finally:
+        bar.close()
     tokenizer.save(out)
+    learned = tokenizer.backend.get_vocab_size(with_added_tokens=False)
     skipped = f", {len(bad)} bad records skipped (e.g. {bad[0]})" if bad else ""
-    print(f"wrote {out}: vocab {tokenizer.vocab_size} ({vocab_size} learned + special tokens), trained on "
+    print(f"wrote {out}: vocab {tokenizer.vocab_size} ({learned} learned + special tokens), trained on "
           f"{seen['docs']} documents / {seen['bytes'] / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s"
           + skipped)
+    if learned < vocab_size:
+        print(f"  warning: learned only {learned} of the requested --vocab-size {vocab_size} tokens "
+              f"(256 bytes + {learned - 256} merges): the corpus has no more pairs occurring at least "
+              f"--min-frequency {min_frequency} times; give more text or a smaller --vocab-size")
 
 
 def data_prepare(

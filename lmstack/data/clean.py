@@ -37,6 +37,34 @@ class CleanConfig:
     num_perm: int = 128  # MinHash permutations
     shingle_words: int = 5
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse options that make no sense (before any input is read), naming the CLI flag."""
+        from lmstack.errors import ConfigError
+
+        for name in ("min_chars", "max_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be a whole number of characters >= 0")
+        for name in ("num_perm", "shingle_words"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"CleanConfig.{name}={value!r} must be a whole number >= 1")
+        if self.max_chars and self.min_chars > self.max_chars:
+            raise ConfigError(f"--min-chars {self.min_chars} is above --max-chars {self.max_chars}: every document "
+                              "would be dropped; lower --min-chars or raise --max-chars (0 = no limit)")
+        for name in ("max_non_alnum_ratio", "max_repeated_line_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be a ratio in [0, 1] "
+                                  "(1 = no filter)")
+        value = self.near_dedup_threshold
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise ConfigError(f"--near-dedup-threshold {value!r} must be a Jaccard similarity in (0, 1], "
+                              "e.g. 0.8")
+
     def filter_names(self) -> list[str]:
         return ["min_chars", "max_chars", "non_alnum_ratio", "repeated_line_ratio"]
 

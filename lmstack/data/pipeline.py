@@ -34,7 +34,7 @@ from lmstack.data.shards import (
 )
 from lmstack.data.sources import BadRecord, InputFile, parquet_num_rows, plan_spans, resolve_inputs
 from lmstack.data.worker import ItemProcessor, ItemResult, WorkerSetup, WorkItem, init_worker, run_item
-from lmstack.errors import DataError
+from lmstack.errors import ConfigError, DataError
 from lmstack.tokenizer import Tokenizer
 
 STATE_DIR = ".prepare"
@@ -57,6 +57,23 @@ class PrepareConfig:
     text_piece_bytes: int = 1 << 16  # text files are cut into documents of about this size
     item_bytes: int = 1 << 18  # work handed to a worker at a time (small: even finish across workers)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad options before anything is read or written, naming the CLI flag."""
+        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+        if self.shard_tokens < 1:
+            raise DataError(f"--shard-tokens {self.shard_tokens} must be positive")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"--workers {self.workers!r} must be a number of worker processes >= 1, "
+                              "or 0 for one per CPU core")
+        for name in ("text_piece_bytes", "item_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"PrepareConfig.{name}={getattr(self, name)} must be positive")
+        self.clean.validate()
 
 
 @dataclass
@@ -252,7 +269,8 @@ class _Run:
             s = self.stats
             raise DataError(
                 f"the corpus is empty after cleaning: {s.input_documents} documents read, "
-                f"{sum(c.documents for c in s.filtered.values())} removed by filters {dict(s.filtered)}, "
+                f"{sum(c.documents for c in s.filtered.values())} removed by filters "
+                f"({', '.join(f'{k}: {c.documents}' for k, c in s.filtered.items()) or 'none'}), "
                 f"{s.exact_duplicates.documents} exact and {s.near_duplicates.documents} near duplicates, "
                 f"{self.bad_count} bad records skipped; check --input and the filter options")
         self.tokenizer.save(self.out / "tokenizer")
@@ -271,24 +289,87 @@ class _Run:
         return index
 
 
-def _prepare_out_dir(out: Path, config: PrepareConfig, fingerprint: str) -> dict[str, Any] | None:
-    """Make OUT ready; returns a checkpoint to resume from, if there is a matching one."""
-    if (out / INDEX_FILE).exists():
+def _is_lmstack_index(path: Path) -> bool:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == FORMAT
+
+
+def _output_files(out: Path) -> list[Path]:
+    """Files in OUT that a run writes (and so would replace or remove): shards, report, tokenizer."""
+    found = [p for split in SPLITS for pattern in (f"{split}_*.bin", f".{split}_*.bin.tmp")
+             for p in sorted(out.glob(pattern))]
+    found += [p for p in (out / REPORT_FILE, out / "tokenizer" / "tokenizer.json",
+                          out / "tokenizer" / "tokenizer_config.json") if p.exists()]
+    return found
+
+
+def _check_out_dir(out: Path, config: PrepareConfig) -> None:
+    """Refuse an --out that is a file, or that holds files no earlier lmstack run in it wrote.
+
+    `data prepare` replaces shards, report.json and tokenizer/ only in a directory that is
+    recognisably its own: one with an lmstack index.json (rebuilt with --overwrite) or with
+    the checkpoint directory of an interrupted run (.prepare/, written before the first shard).
+    """
+    for candidate in [out, *out.parents]:
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == out else f"is inside {candidate}, which is a file"
+                raise DataError(f"--out {config.out} {where}; give a directory")
+            break
+    if not out.is_dir():
+        return
+    index = out / INDEX_FILE
+    if index.exists():
+        if not _is_lmstack_index(index):
+            raise DataError(f"--out {config.out} holds an {INDEX_FILE} that is not an lmstack data index; "
+                            "choose an empty directory or remove it")
         if not config.overwrite:
             raise DataError(f"{out} already holds prepared data ({INDEX_FILE}); pass --overwrite to rebuild "
                             "it or choose another --out")
-        (out / INDEX_FILE).unlink()
-    state_path = out / STATE_DIR / "state.json"
+        return
+    if (out / STATE_DIR).is_dir():
+        return
+    foreign = _output_files(out)
+    if foreign:
+        shards = [p for p in foreign if p.suffix in (".bin", ".tmp")]
+        kind = "shard files" if shards else "files"
+        names = ", ".join(str(p.relative_to(out)) for p in (shards or foreign)[:3])
+        more = ", ..." if len(shards or foreign) > 3 else ""
+        raise DataError(f"--out {config.out} already holds {kind} ({names}{more}) that no lmstack data index "
+                        "describes; choose an empty directory or remove them")
+
+
+def _prepare_out_dir(out: Path, config: PrepareConfig, fingerprint: str) -> dict[str, Any] | None:
+    """Make OUT ready; returns a checkpoint to resume from, if there is a matching one.
+
+    Only called after `_check_out_dir`: anything removed here was written by an earlier run.
+    """
+    _check_out_dir(out, config)
+    state_dir = out / STATE_DIR
+    state_path = state_dir / "state.json"
     if state_path.exists() and not config.restart and not config.overwrite:
-        state = json.loads(state_path.read_text())
+        try:
+            state = json.loads(state_path.read_text())
+        except ValueError:
+            state = {}
         if state.get("fingerprint") == fingerprint:
             return state
         print(f"lmstack: {out} holds an interrupted run with other inputs or options; starting over")
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-    for split in SPLITS:  # shards of an earlier, unfinished or overwritten run
-        for stale in [*out.glob(f"{split}_*.bin"), *out.glob(f".{split}_*.bin.tmp")]:
+    # Keep OUT recognisable at every moment (.prepare/ or index.json exists), so an interruption
+    # here never leaves shards that a rerun would have to refuse as someone else's.
+    state_dir.mkdir(exist_ok=True)
+    for child in state_dir.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    for stale in _output_files(out):  # of an earlier, unfinished or overwritten run
+        if stale.parent == out:  # tokenizer/ is rewritten at the end (it may be the --tokenizer itself)
             stale.unlink()
-    (out / REPORT_FILE).unlink(missing_ok=True)
+    (out / INDEX_FILE).unlink(missing_ok=True)
     return None
 
 
@@ -296,10 +377,7 @@ def _check(config: PrepareConfig, tokenizer: Tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {config.tokenizer} names no eos_token (or it is not in the vocabulary); "
                         "documents are separated by EOS, so set eos_token in its tokenizer_config.json")
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise DataError(f"--val-fraction {config.val_fraction} must be in [0, 1)")
-    if config.shard_tokens < 1:
-        raise DataError(f"--shard-tokens {config.shard_tokens} must be positive")
+    config.validate()
 
 
 def prepare(config: PrepareConfig) -> PrepareReport:
@@ -307,6 +385,8 @@ def prepare(config: PrepareConfig) -> PrepareReport:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    config.validate()
+    _check_out_dir(Path(config.out), config)
     tokenizer = Tokenizer.load(config.tokenizer)
     _check(config, tokenizer)
     workers = config.workers or len(os.sched_getaffinity(0))
@@ -326,6 +406,8 @@ def prepare(config: PrepareConfig) -> PrepareReport:
         run = _Run(config, tokenizer, resolved, fingerprint)
         if state is not None:
             run.restore(state)
+        else:  # mark OUT as this run's before the first shard, so a crash leaves a resumable directory
+            run.checkpoint()
         todo = items[run.items_done:]
         results = pool.imap(run_item, todo, chunksize=1) if pool is not None else map(ItemProcessor(setup), todo)
         with tqdm(total=sum(i.nbytes for i in items), initial=sum(i.nbytes for i in items[:run.items_done]),

@@ -288,7 +288,7 @@ def iter_documents(specs: list[str] | str, text_field: str = "text", skip_bad: b
                 if bad is not None:
                     bad.append(record)
             for doc in docs:
-                found = True
+                found = found or bool(doc.text)
                 yield doc
     if not found:
-        raise DataError(f"no documents found in --input {specs}; the corpus is empty")
+        raise DataError(f"no text found in --input {specs}: the corpus is empty")

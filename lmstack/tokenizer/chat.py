@@ -140,6 +140,8 @@ class ChatTemplate:
     """One compiled chat template; `render` gives the prompt text."""
 
     def __init__(self, source: str, name: str = "chat_template"):
+        if not isinstance(source, str):
+            raise TokenizerError(f"{name} is {type(source).__name__}, expected a Jinja template string")
         self.source = source
         self.name = name
         env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
@@ -152,7 +154,8 @@ class ChatTemplate:
         try:
             self.template = env.from_string(source)
         except TemplateSyntaxError as err:
-            raise TokenizerError(f"{name} is not valid Jinja (line {err.lineno}: {err.message})") from None
+            raise TokenizerError(f"{name} is not valid Jinja (line {err.lineno}: {err.message}); fix the "
+                                 "template") from None
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
                tools: list[dict] | None = None, documents: list[dict] | None = None, **variables: Any) -> str:
@@ -184,6 +187,9 @@ def select_template(chat_template: str | dict[str, str] | list | None, tools: An
     if chat_template is None:
         return CHATML_TEMPLATE, "default ChatML template"
     if isinstance(chat_template, list):
+        if not all(isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in chat_template):
+            raise TokenizerError("a list of chat templates must hold {'name': str, 'template': str} dicts")
         chat_template = {t["name"]: t["template"] for t in chat_template}
     if isinstance(chat_template, dict):
         if tools is not None and "tool_use" in chat_template:

@@ -44,26 +44,91 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_chat_templates(directory: Path) -> str | list[dict[str, str]] | None:
-    """transformers >= 4.43 may keep templates in chat_template.jinja and additional_chat_templates/."""
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TokenizerError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                             "re-save it as UTF-8") from None
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def check_special_tokens(config: dict[str, Any], where: str | Path) -> None:
+    """Every named special token (bos_token, eos_token, ...) is a string or {"content": str, ...}."""
+    for role in SPECIAL_ROLES:
+        key = f"{role}_token"
+        value = config.get(key)
+        if value is None or isinstance(value, str):
+            continue
+        if isinstance(value, dict) and isinstance(value.get("content"), str):
+            continue
+        raise TokenizerError(
+            f"{where}: {key} is {_describe(value)}; a special token must be a string such as \"<|eos|>\" "
+            "or an object with a string \"content\" field; fix the file")
+
+
+def check_chat_template(value: Any, where: str | Path) -> None:
+    """chat_template is a string, a list of {"name": str, "template": str} or a {name: template} dict."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, list):
+        for i, entry in enumerate(value):
+            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                    and isinstance(entry.get("template"), str)):
+                raise TokenizerError(
+                    f"{where}: chat_template[{i}] is {_describe(entry)}; a list of chat templates must hold "
+                    "objects {\"name\": \"default\", \"template\": \"<jinja text>\"} with string values; "
+                    "fix the file")
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return
+    raise TokenizerError(
+        f"{where}: chat_template is {_describe(value)}; it must be a Jinja template string or a list of "
+        "{\"name\": ..., \"template\": ...} objects; fix the file")
+
+
+def _named_templates(value: str | list | dict | None) -> dict[str | None, str]:
+    """{name: source} of a checked chat_template value (name None for a single template)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {None: value}
+    if isinstance(value, list):
+        return {t["name"]: t["template"] for t in value}
+    return dict(value)
+
+
+def _read_chat_templates(directory: Path) -> tuple[str | list[dict[str, str]] | None, dict[str | None, Path]]:
+    """transformers >= 4.43 may keep templates in chat_template.jinja and additional_chat_templates/.
+
+    Returns the templates and, for error messages, the file each came from.
+    """
     templates: dict[str, str] = {}
+    origins: dict[str | None, Path] = {}
     default = directory / "chat_template.jinja"
     if default.is_file():
-        templates["default"] = default.read_text(encoding="utf-8")
+        templates["default"] = _read_text(default)
+        origins["default"] = default
     extra = directory / "additional_chat_templates"
     if extra.is_dir():
         for path in sorted(extra.glob("*.jinja")):
-            templates[path.stem] = path.read_text(encoding="utf-8")
+            templates[path.stem] = _read_text(path)
+            origins[path.stem] = path
     legacy = directory / "chat_template.json"
     if not templates and legacy.is_file():
         template = _read_json(legacy).get("chat_template")
         if template:
-            return template
+            check_chat_template(template, legacy)
+            return template, {name: legacy for name in _named_templates(template)}
     if not templates:
-        return None
+        return None, {}
     if list(templates) == ["default"]:
-        return templates["default"]
-    return [{"name": name, "template": text} for name, text in templates.items()]
+        return templates["default"], {None: default}
+    return [{"name": name, "template": text} for name, text in templates.items()], origins
 
 
 class Tokenizer:
@@ -105,19 +170,39 @@ class Tokenizer:
         config: dict[str, Any] = {}
         special_map = directory / "special_tokens_map.json"
         if special_map.is_file():  # older transformers kept the special tokens here
-            config.update({k: v for k, v in _read_json(special_map).items() if k.endswith("_token")})
+            special = {k: v for k, v in _read_json(special_map).items() if k.endswith("_token")}
+            check_special_tokens(special, special_map)
+            config.update(special)
         config_path = directory / "tokenizer_config.json"
+        origins: dict[str | None, Path] = {}
         if config_path.is_file():
-            config.update(_read_json(config_path))
+            file_config = _read_json(config_path)
+            check_special_tokens(file_config, config_path)
+            check_chat_template(file_config.get("chat_template"), config_path)
+            config.update(file_config)
+            origins = {name: config_path for name in _named_templates(file_config.get("chat_template"))}
         if "chat_template" not in config:
-            template = _read_chat_templates(directory)
+            template, origins = _read_chat_templates(directory)
             if template is not None:
                 config["chat_template"] = template
-        return cls(backend, config)
+        tokenizer = cls(backend, config)
+        tokenizer._compile_templates(origins)
+        return tokenizer
+
+    def _compile_templates(self, origins: dict[str | None, Path]) -> None:
+        """Compile every chat template now, so a broken one is reported at load, naming its file."""
+        for name, source in _named_templates(self.config.get("chat_template")).items():
+            label = "chat template" if name is None else f"chat template {name!r}"
+            if name in origins:
+                label += f" in {origins[name]}"
+            if source not in self._templates:
+                self._templates[source] = ChatTemplate(source, label)
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (the chat template inside it)."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise TokenizerError(f"cannot save the tokenizer to {directory}: it is a file; give a directory")
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
@@ -226,7 +311,8 @@ class Tokenizer:
         templates = self.config.get("chat_template")
         if chat_template is not None:
             named = templates if isinstance(templates, dict) else (
-                {t["name"]: t["template"] for t in templates} if isinstance(templates, list) else {})
+                {t["name"]: t["template"] for t in templates if isinstance(t, dict) and "name" in t
+                 and "template" in t} if isinstance(templates, list) else {})
             source, name = (named[chat_template], f"chat template {chat_template!r}") if chat_template in named \
                 else (chat_template, "chat template")
         else:

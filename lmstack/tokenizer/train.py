@@ -64,11 +64,12 @@ def _split_inputs(texts_or_files: Any) -> tuple[list[str] | None, Iterable[str] 
     return None, texts_or_files
 
 
-def _checked_texts(texts: Iterable[str]) -> Iterator[str]:
+def _checked_texts(texts: Iterable[str], seen: dict[str, int]) -> Iterator[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TokenizerError(f"training text {i} is {type(text).__name__}, expected str "
                                  "(wrap file names in pathlib.Path to train on files)")
+        seen["chars"] += len(text)
         yield text
 
 
@@ -88,6 +89,9 @@ def train_bpe(texts_or_files: Any, vocab_size: int, special_tokens: Iterable[str
                              "byte-level tokenizer needs; use 256 for pure bytes or more for merges")
     if min_frequency < 1:
         raise TokenizerError(f"min_frequency={min_frequency} must be >= 1")
+    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 1:
+        raise TokenizerError(f"model_max_length={model_max_length!r} must be a positive number of tokens "
+                             "(the longest input the model takes, e.g. 2048)")
     specials = list(dict.fromkeys([*special_tokens, *(t for t in (bos_token, eos_token, pad_token) if t)]))
     files, texts = _split_inputs(texts_or_files)
     backend = byte_level_backend()
@@ -97,9 +101,15 @@ def train_bpe(texts_or_files: Any, vocab_size: int, special_tokens: Iterable[str
         max_token_length=max_token_length,
     )
     if files is not None:
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        if len(empty) == len(files):
+            raise TokenizerError(f"tokenizer training files {', '.join(files)} are empty; give a corpus with text")
         backend.train(files, trainer)
     else:
-        backend.train_from_iterator(_checked_texts(texts), trainer)
+        seen = {"chars": 0}
+        backend.train_from_iterator(_checked_texts(texts, seen), trainer)
+        if not seen["chars"]:
+            raise TokenizerError("the tokenizer training corpus is empty (no text at all); give texts to learn from")
     learned = backend.get_vocab_size(with_added_tokens=False)
     if learned < BYTE_ALPHABET_SIZE:
         raise TokenizerError(f"training produced only {learned} tokens; is the corpus empty?")
