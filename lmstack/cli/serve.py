@@ -1,10 +1,16 @@
 """`lmstack serve`: an OpenAI-compatible HTTP server over the batched engine.
 
-The server starts listening at once and loads the model in the background (/health says 503
-until it is ready), so supervisors and load balancers see it come up.
+Every option, the device, config.json and the weight files' headers are checked before the
+port is bound, so a typo exits at once with code 2 and a message naming the flag or file. The
+server then starts listening and loads the model in the background (/health says 503 until it
+is ready), so supervisors and load balancers see it come up; if loading fails after all, the
+server stops and the command exits with code 2 and the reason (a permanent failure is never
+served as "503, retry shortly").
 """
 
 from __future__ import annotations
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def serve(
@@ -39,12 +45,12 @@ def serve(
     Args:
         model: A Hugging Face model directory (with tokenizer.json), e.g. runs/quickstart.
         host: Address to bind. The default, 127.0.0.1, is reachable only from this machine; use 0.0.0.0 with --api-key.
-        port: TCP port.
+        port: TCP port, 1..65535.
         api_key: Required 'Authorization: Bearer' key (several: comma-separated). Default: $LMSTACK_API_KEY, else open.
         served_model_name: The name clients pass as `model` (several: comma-separated). Default: the MODEL argument.
-        max_model_len: Context length (prompt + output). Default: the model's max_position_embeddings.
+        max_model_len: Context length (prompt + output), at most the model's. Default: the model's max_position_embeddings.
         dtype: Weight dtype: auto (checkpoint's; bfloat16 for float32 checkpoints on CUDA), float32, bfloat16, float16.
-        device: cuda, cpu, ... Default: cuda when available.
+        device: auto, cpu, cuda or cuda:N. Default (auto): cuda when available.
         max_num_seqs: Sequences decoded together (the batch).
         max_num_batched_tokens: Tokens per engine step (prefill chunks plus decodes).
         num_blocks: KV-cache blocks; default sized from memory (--gpu-memory-utilization or --cpu-kv-cache-gib).
@@ -67,13 +73,26 @@ def serve(
 
     from lmstack.serve.safety import SafetyFilter
 
-    _check_model_dir(model)  # cheap checks first: no torch or FastAPI import for a typo
+    # cheap checks first: no torch or FastAPI import for a typo
+    log_level = _check_server_options(port, log_level, shutdown_timeout)
+    _check_model_dir(model)
     from lmstack.engine.core import KV_CACHE_DTYPES
     from lmstack.errors import ConfigError
 
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ConfigError(f"--kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
     safety = SafetyFilter.load(safety_config) if safety_config else None
+    engine_options = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, num_blocks=num_blocks,
+                          gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
+                          block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+                          kv_cache_dtype=kv_cache_dtype)
+    _check_engine_options(engine_options)
+    _check_dtype(dtype)
+    from lmstack.train.distributed import resolve_device
+
+    torch_device = resolve_device(device)
+    _check_model_files(model, max_model_len)  # config.json and the weights' headers, before the port is bound
 
     from lmstack.serve.admission import ServeLimits
     from lmstack.serve.app import ServeConfig, create_app
@@ -88,19 +107,85 @@ def serve(
         limits=ServeLimits(max_waiting=max_waiting, max_n=max_n, max_prompts=max_prompts,
                            max_body_bytes=max_body_bytes, request_timeout=request_timeout),
         safety=safety, chat_page=chat_page)
-    engine_options = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=max_num_batched_tokens, num_blocks=num_blocks,
-                          gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
-                          block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                          kv_cache_dtype=kv_cache_dtype)
 
     def load():
         from lmstack.engine import AsyncEngine
 
-        return AsyncEngine(model, dtype=None if dtype == "auto" else dtype, device=device, **engine_options)
+        return AsyncEngine(model, dtype=None if dtype == "auto" else dtype, device=torch_device, **engine_options)
 
     app = create_app(config=config, loader=load)
+    # raises the loader's error (exit code 2 for an LmstackError) if the model fails to load
     run_server(app, host=host, port=port, shutdown_timeout=shutdown_timeout, log_level=log_level)
+
+
+def _check_server_options(port: int, log_level: str, shutdown_timeout: float) -> str:
+    """Check the server's own flags; returns the log level in lower case."""
+    import math
+
+    from lmstack.errors import ConfigError
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} must be in 1..65535")
+    level = log_level.lower() if isinstance(log_level, str) else log_level
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"--log_level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if not (math.isfinite(shutdown_timeout) and shutdown_timeout >= 0):
+        raise ConfigError(f"--shutdown_timeout {shutdown_timeout} must be a number of seconds >= 0")
+    return level
+
+
+def _check_engine_options(options: dict) -> None:
+    """EngineConfig's own checks, with the messages naming the flags."""
+    import math
+
+    from lmstack.engine.core import EngineConfig
+    from lmstack.errors import ConfigError
+
+    try:
+        EngineConfig.from_kwargs(**options)
+    except ConfigError as err:
+        message = str(err)
+        for name in options:
+            if message.startswith(f"{name}="):  # "max_num_seqs=0 must be ..." -> "--max_num_seqs 0 must be ..."
+                raise ConfigError(f"--{name} {message[len(name) + 1:]}") from None
+        raise
+    if not math.isfinite(options["cpu_kv_cache_gib"]):
+        raise ConfigError(f"--cpu_kv_cache_gib {options['cpu_kv_cache_gib']} must be a finite number of GiB > 0")
+
+
+def _check_dtype(dtype: str) -> None:
+    from lmstack.checkpoint.hf import DTYPES
+    from lmstack.errors import ConfigError
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+
+def _check_model_files(model: str, max_model_len: int | None) -> None:
+    """Read config.json and open the weight files' headers (no tensor data), and check --max_model_len
+    against the model's context, so a broken directory fails before the port is bound."""
+    from pathlib import Path
+
+    from lmstack.checkpoint.hf_config import read_config
+    from lmstack.errors import CheckpointError, ConfigError, LmstackError
+    from lmstack.infer.quantize import is_quantized_dir
+
+    path = Path(model)
+    try:
+        config = read_config(path)
+    except LmstackError:
+        raise
+    except Exception as err:  # a field of the wrong type, e.g. "rope_theta": "abc"
+        raise CheckpointError(f"{path / 'config.json'} has an invalid value ({type(err).__name__}: {err}); "
+                              "fix the field or re-save the model") from None
+    if not is_quantized_dir(path):  # `lmstack quantize` output has its own weight format
+        from lmstack.checkpoint.files import WeightFiles
+
+        WeightFiles(path)  # CheckpointError for missing, truncated or corrupt safetensors
+    context = config.max_position_embeddings
+    if max_model_len is not None and max_model_len > context:
+        raise ConfigError(f"--max_model_len {max_model_len} exceeds the model's context of {context} "
+                          f"(max_position_embeddings); use at most {context}")
 
 
 def _check_model_dir(model: str) -> None:

@@ -3,7 +3,9 @@
 `create_app(engine, tokenizer, config)` builds one self-contained app (its own metrics
 registry, admission counters and safety filter; nothing global). The engine may come later
 (`app.state.lmstack.set_engine(...)`, or a `loader` run at startup): until then every model
-route and /health answer 503, so a load balancer can wait for a large model to load.
+route and /health answer 503, so a load balancer can wait for a large model to load. If the
+loader fails, the failure is permanent: `make_server`'s server stops and `run_server` raises
+the loader's error (until then requests get 503 naming it, without Retry-After).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, LmstackError
 from lmstack.serve.admission import AdmissionController, BodySizeLimit, ServeLimits, Ticket
 from lmstack.serve.auth import APIKeyAuth
 from lmstack.serve.chat import create_chat_completion, render_chat
@@ -81,6 +83,8 @@ class ServeState:
         self.tokenizer = tokenizer
         self.texts: TokenTexts | None = None
         self.load_error: str | None = None
+        self.load_exception: BaseException | None = None  # what the loader raised
+        self.on_load_failure: list[Callable[[BaseException], None]] = []  # e.g. the server stopping itself
         self.created = now()
         if engine is not None:
             self.set_engine(engine, tokenizer)
@@ -112,6 +116,8 @@ class ServeState:
 
     def require_engine(self) -> None:
         problem = self.health_problem()
+        if problem is not None and self.load_error is not None:  # permanent: no "retry", no Retry-After
+            raise APIError(503, problem, code="engine_unavailable")
         if problem is not None:
             raise APIError(503, problem + "; retry shortly", code="engine_unavailable", headers={"Retry-After": "5"})
 
@@ -155,9 +161,12 @@ def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | 
             async def load() -> None:
                 try:
                     state.set_engine(await asyncio.to_thread(loader))
-                except Exception as err:  # reported by /health; the server stays up to say so
-                    log.exception("loading the model failed")
+                except Exception as err:  # permanent: reported by /health until the server stops
+                    log.error("loading the model failed", exc_info=not isinstance(err, LmstackError))
                     state.load_error = f"{type(err).__name__}: {err}"
+                    state.load_exception = err
+                    for callback in state.on_load_failure:
+                        callback(err)
             load_task = asyncio.ensure_future(load())
         try:
             yield

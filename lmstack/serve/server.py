@@ -5,6 +5,10 @@ On SIGTERM or Ctrl-C the server stops accepting connections and marks itself dra
 `shutdown_timeout` seconds, then cancels the rest (which aborts them in the engine), stops
 the engine and exits with status 0. A second signal exits at once. Unlike plain uvicorn, the
 signal is not re-raised afterwards, so a supervisor sees a clean exit.
+
+If the app's loader fails (the model cannot be loaded), the server stops the same way and
+`run_server` raises the loader's error: an `LmstackError` as it is (the CLI exits with code 2
+and its message), anything else wrapped in one, its traceback already logged.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ class LmstackServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: Any):
         super().__init__(config)
         self.lmstack_state = state
+        state.on_load_failure.append(self._load_failed)
+
+    def _load_failed(self, err: BaseException) -> None:
+        self.lmstack_state.admission.draining = True
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.should_exit:
@@ -61,5 +70,18 @@ def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, shutdown_ti
 
 def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
                log_level: str = "info") -> None:
-    """Serve until SIGTERM/SIGINT; returns after a graceful shutdown."""
+    """Serve until SIGTERM/SIGINT; returns after a graceful shutdown. Raises if the model fails to load."""
     make_server(app, host, port, shutdown_timeout, log_level).run()
+    raise_load_failure(app.state.lmstack)
+
+
+def raise_load_failure(state: Any) -> None:
+    """Raise what the app's loader raised, if it failed, as an `LmstackError`."""
+    from lmstack.errors import LmstackError
+
+    err = state.load_exception
+    if err is None:
+        return
+    if isinstance(err, LmstackError):
+        raise err
+    raise LmstackError(f"the model failed to load: {type(err).__name__}: {err} (the traceback is logged above)") from err

@@ -73,18 +73,23 @@ class Dist:
             dist.destroy_process_group()
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto (CUDA when present), cpu, cuda or cuda:N, checked against this machine."""
-    if name == "auto":
+def resolve_device(name: str | None) -> torch.device:
+    """--device: auto (CUDA when present), cpu, cuda or cuda:N, checked against this machine."""
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device={name!r} is not one of auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use --device cpu or auto")
+        raise ConfigError(f"--device {name!r} is not a device lmstack runs on; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} but CUDA is not available here; use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name} but this machine has {count} CUDA device(s) "
+                              f"(cuda:0..cuda:{count - 1}); use one of those or --device auto")
     return device
 
 

@@ -65,10 +65,10 @@ def test_bad_devices_files_and_counts_are_named(model_dir, tmp_path, capsys):
     import torch
 
     code, _, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "x", "--device", "tpu")
-    assert code == 2 and "device='tpu' is not one of auto, cpu, cuda or cuda:N" in err
+    assert code == 2 and "--device 'tpu' is not a device lmstack runs on; use auto, cpu, cuda or cuda:N" in err
     if not torch.cuda.is_available():
         code, _, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "x", "--device", "cuda")
-        assert code == 2 and "device='cuda' but CUDA is not available here; use --device cpu or auto" in err
+        assert code == 2 and "--device cuda but CUDA is not available here; use --device cpu or auto" in err
     (tmp_path / "prompts.txt").write_bytes(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
     code, _, err = main_cli(capsys, "generate", str(model_dir), "--prompt_file", str(tmp_path / "prompts.txt"),
                             "--device", "cpu")
