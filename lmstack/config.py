@@ -20,6 +20,38 @@ POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu", "moe")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 ROPE_TYPES = ("default", "linear", "llama3")
+# The keys each rope_type reads (model/rope.py), all positive numbers.
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+BOOL_FIELDS = ("attn_qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm", "tie_embeddings")
+
+
+def is_int(value: Any) -> bool:
+    """An integer proper (JSON 2, not 2.0, "2" or true)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float (not a bool, not a numeric string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_rope_scaling(scaling: Any, field: str = "rope_scaling") -> None:
+    """Raise ConfigError unless `scaling` is a dict of a supported rope_type with the keys that type reads."""
+    example = '{"rope_type": "linear", "factor": 2.0}'
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{field} must be an object like {example} or null, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{field} type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    needed = ROPE_KEYS[rope_type]
+    missing = [k for k in needed if k not in scaling]
+    if missing:
+        raise ConfigError(f"{field} with rope_type {rope_type!r} needs the keys {', '.join(needed)}; "
+                          f"missing {', '.join(missing)}")
+    for key in needed:
+        if not is_number(scaling[key]) or not scaling[key] > 0:
+            raise ConfigError(f"{field}.{key} must be a positive number, got {scaling[key]!r}")
 
 
 @dataclass
@@ -64,7 +96,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        if self.head_dim is None:
+        if self.head_dim is None and is_int(self.hidden_size) and is_int(self.num_heads):  # else validate() says
             if self.num_heads <= 0 or self.hidden_size % self.num_heads:
                 raise ConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
@@ -151,7 +183,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
@@ -159,14 +191,34 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, low in (("norm_eps", 0.0), ("rope_theta", 0.0)):
+            value = getattr(self, name)
+            if not is_number(value) or not value > low:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("router_aux_loss_coef", "initializer_range"):
+            if not is_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a number, got {getattr(self, name)!r}")
+        for name in ("num_experts", "num_experts_per_tok"):
+            if not is_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not is_int(self.pad_vocab_to_multiple):
+            raise ConfigError(f"pad_vocab_to_multiple must be an integer, got {self.pad_vocab_to_multiple!r}")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
+            if value is not None and not all(is_int(i) for i in ids):
+                kind = "an integer, a list of integers" if name == "eos_token_id" else "an integer"
+                raise ConfigError(f"{name} must be {kind} or null, got {value!r}")
         if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if rope_type not in ROPE_TYPES:
-                raise ConfigError(
-                    f"rope_scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
-                )
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
+            check_rope_scaling(self.rope_scaling)
+        if self.sliding_window is not None and (not is_int(self.sliding_window) or self.sliding_window <= 0):
+            raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.layer_types is not None and not isinstance(self.layer_types, list):
+            raise ConfigError(f"layer_types must be a list of 'full_attention' / 'sliding_attention', "
+                              f"got {self.layer_types!r}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
                 raise ConfigError(
@@ -183,7 +235,7 @@ class ModelConfig:
                     f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
                     f"num_experts={self.num_experts}"
                 )
-        if not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         self._validate_family()
 

@@ -30,16 +30,14 @@ def load(path_or_preset: str | Path, *, random_init: bool = False, dtype: torch.
             from lmstack.infer.quantize import load_quantized
 
             model = load_quantized(path, device=device)
-            tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
-            return model, tokenizer
+            return model, _matching_tokenizer(path, model, config is None)
         if random_init:
             from lmstack.checkpoint.hf_config import read_config
 
             model = _random_model(config or read_config(path), dtype, device, seed)
         else:
             model = load_hf_model(path, dtype=dtype, device=device, config=config)
-        tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
-        return model, tokenizer
+        return model, _matching_tokenizer(path, model, config is None)
     name = str(path_or_preset)
     if name in PRESETS:
         if not random_init:
@@ -51,6 +49,25 @@ def load(path_or_preset: str | Path, *, random_init: bool = False, dtype: torch.
     raise CheckpointError(
         f"{name!r} is neither a model directory nor a preset; presets: {', '.join(sorted(PRESETS))}"
     )
+
+
+def _matching_tokenizer(path: Path, model: Transformer, from_config_json: bool) -> Tokenizer | None:
+    """The directory's tokenizer, refused when it has ids the model has no embedding row for.
+
+    Fewer tokens than vocab_size is normal (models pad their vocabulary); more means another model's tokenizer."""
+    if not (path / "tokenizer.json").is_file():
+        return None
+    tokenizer = Tokenizer.load(path)
+    vocab = model.config.vocab_size
+    ids = tokenizer.backend.get_vocab(with_added_tokens=True).values()
+    size = max(tokenizer.vocab_size, max(ids, default=-1) + 1)
+    if size > vocab:
+        where = "config.json vocab_size" if from_config_json else "the model's vocab_size"
+        raise CheckpointError(
+            f"{path}: tokenizer.json has {size} tokens but {where}={vocab}; the tokenizer does not belong to "
+            "this model: put the model's own tokenizer files in the directory"
+        )
+    return tokenizer
 
 
 def _random_model(config: ModelConfig, dtype, device, seed: int | None) -> Transformer:

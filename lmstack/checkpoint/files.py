@@ -103,15 +103,18 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 def parse_size(size: int | str) -> int:
     """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20; ints pass through."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-    if not m:
+    m = None if isinstance(size, (int, bool)) else re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?i?B)?\s*",
+                                                                str(size), re.IGNORECASE)
+    if isinstance(size, bool) or not (isinstance(size, int) or m):
         raise CheckpointError(f"max_shard_size {size!r} is not a size like '5GB', '500MB' or 1000000")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
-    return int(float(m.group(1)) * base**power)
+    if m:
+        unit = (m.group(2) or "B").upper()
+        base = 1024 if "I" in unit else 1000
+        power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+        size = int(float(m.group(1)) * base**power)
+    if size < 1:
+        raise CheckpointError(f"max_shard_size {size!r} must be at least one byte, e.g. '5GB'")
+    return size
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

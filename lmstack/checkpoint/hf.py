@@ -41,9 +41,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 def load_hf_model(directory: str | Path, dtype: torch.dtype | str | None = None,
                   device: torch.device | str = "cpu", config: ModelConfig | None = None) -> Transformer:
     """A Transformer with the weights of an HF directory; `config` may override e.g. vocab padding."""
+    from lmstack.infer.quantize import refuse_quantized
+
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory {directory} does not exist")
+    refuse_quantized(directory, "loading it as a Hugging Face checkpoint (lmstack convert, training --model, "
+                                "Transformer.from_pretrained)")
     config = config or read_config(directory)
     files = WeightFiles(directory)
     dtype = resolve_dtype(dtype) or files.first_dtype()
@@ -74,13 +78,14 @@ def _read_state(config: ModelConfig, files: WeightFiles, dtype: torch.dtype) -> 
             used.add(alias[name])
             parts.append(files.get(alias[name]))
         tensor = rule.combine(parts).to(dtype)
-        state[rule.ours] = _pad_rows(tensor, config) if rule.ours in ("embed.weight", "lm_head.weight") else tensor
-        expected = _expected_shape(config, rule.ours)
-        if expected is not None and tuple(state[rule.ours].shape) != expected:
+        expected = _expected_shape(config, rule.ours)  # the embedding rows are config.vocab_size, before padding
+        if expected is not None and tuple(tensor.shape) != expected:
             raise CheckpointError(
                 f"tensor {', '.join(rule.theirs)} in {files.file_of[alias[rule.theirs[0]]]} has shape "
-                f"{tuple(tensor.shape)}, but config.json implies {expected} for {rule.ours}"
+                f"{tuple(tensor.shape)}, but config.json implies {expected} for {rule.ours}; the weights do not "
+                "belong to this config.json"
             )
+        state[rule.ours] = _pad_rows(tensor, config) if rule.ours in ("embed.weight", "lm_head.weight") else tensor
     for name in implied_zeros(config):
         found = name if name in present else name.removeprefix("transformer.")
         if found not in present:
@@ -115,8 +120,8 @@ def _pad_rows(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 def _expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
     c = config
     shapes = {
-        "embed.weight": (c.padded_vocab_size, c.hidden_size),
-        "lm_head.weight": (c.padded_vocab_size, c.hidden_size),
+        "embed.weight": (c.vocab_size, c.hidden_size),
+        "lm_head.weight": (c.vocab_size, c.hidden_size),
         "pos_embed.weight": (c.max_position_embeddings, c.hidden_size),
     }
     if name in shapes:
@@ -131,7 +136,10 @@ def _expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
 def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard_size: int | str = "5GB",
             dtype: torch.dtype | str | None = None) -> Path:
     """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer."""
+    from lmstack.infer.quantize import refuse_quantized_model
+
     directory = Path(directory)
+    refuse_quantized_model(model, f"saving a Hugging Face checkpoint to {directory} (lmstack convert, save_pretrained)")
     config = model.config
     problems = hf_layout_problems(config)
     if problems:

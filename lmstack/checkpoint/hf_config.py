@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmstack.config import ModelConfig
+from lmstack.config import ModelConfig, check_rope_scaling, is_int, is_number
 from lmstack.errors import CheckpointError, ConfigError
 
 ARCHITECTURES = {
@@ -44,12 +44,64 @@ def _require(hf: dict, key: str, source: str) -> Any:
     return hf[key]
 
 
+_ABSENT = object()
+_KINDS = {  # kind -> (check, what config.json must hold)
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (is_int, "an integer"),
+    "count": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "number": (is_number, "a number"),
+    "positive": (lambda v: is_number(v) and v > 0, "a positive number"),
+}
+
+
+def _field(hf: dict, key: str, source: str, kind: str, default: Any = _ABSENT, nullable: bool = False) -> Any:
+    """hf[key] if it is of `kind` (JSON types strictly: "false" is not false, "2" is not 2).
+
+    Absent: `default`, or an error when there is none. null: None when `nullable`, else an error."""
+    if key not in hf or (hf[key] is None and not nullable and default is _ABSENT):
+        if default is _ABSENT:
+            return _require(hf, key, source)
+        return default
+    value = hf[key]
+    if value is None and nullable:
+        return None
+    check, expected = _KINDS[kind]
+    if not check(value):
+        raise CheckpointError(f"{source}: {key} must be {expected}{' or null' if nullable else ''}, "
+                              f"got {value!r}; correct that field")
+    return value
+
+
+def _token_ids(hf: dict, source: str, vocab_size: int | None) -> dict[str, Any]:
+    """bos/eos/pad ids: integers (eos may be a list) inside [0, vocab_size) when vocab_size is given."""
+    out = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = hf.get(key)
+        if key == "pad_token_id" and is_int(value) and value < 0:
+            value = None  # some published configs write -1 for "no padding token"
+        ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+        if value is not None and not all(is_int(i) for i in ids):
+            kind = "an integer or a list of integers" if key == "eos_token_id" else "an integer"
+            raise CheckpointError(f"{source}: {key} must be {kind} (or null), got {value!r}; correct that field")
+        if value is not None and vocab_size is not None:
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise CheckpointError(
+                    f"{source}: {key}={value!r} is outside the vocabulary [0, {vocab_size}) of vocab_size="
+                    f"{vocab_size}; set it to the id of that token in this model's tokenizer, or null")
+        out[key] = value
+    return out
+
+
 def family_of(hf: dict, source: str) -> str:
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f'{source}: architectures must be a list of class names like ["LlamaForCausalLM"], '
+                              f"got {archs!r}; correct that field")
     for arch in archs:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
-    if not archs and hf.get("model_type") in MODEL_TYPES:
+    if not archs and isinstance(hf.get("model_type"), str) and hf["model_type"] in MODEL_TYPES:
         return MODEL_TYPES[hf["model_type"]]
     named = ", ".join(archs) or f"model_type {hf.get('model_type')!r}"
     raise CheckpointError(
@@ -58,29 +110,51 @@ def family_of(hf: dict, source: str) -> str:
     )
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+def _rope_from_hf(hf: dict, source: str) -> tuple[float, dict | None]:
     params = hf.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise CheckpointError(f"{source}: rope_parameters must be an object like "
+                              f'{{"rope_type": "default", "rope_theta": 10000.0}} or null, got {params!r}')
+    field = "rope_scaling"
     if isinstance(params, dict) and "rope_theta" in params:
-        theta = float(params["rope_theta"])
+        theta = _field(params, "rope_theta", f"{source}: rope_parameters", "positive")
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        field = "rope_parameters"
     else:
-        theta = float(hf.get("rope_theta", 10000.0))
-        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else {}
+        theta = _field(hf, "rope_theta", source, "positive", default=10000.0)
+        raw = hf.get("rope_scaling")
+        if raw is not None and not isinstance(raw, dict):
+            try:
+                check_rope_scaling(raw)
+            except ConfigError as err:
+                raise CheckpointError(f"{source}: {err}") from None
+        scaling = dict(raw) if raw else {}
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     if scaling.get("rope_type", "default") == "default":
-        return theta, None
-    return theta, scaling
+        return float(theta), None
+    try:
+        check_rope_scaling(scaling, field)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    return float(theta), scaling
 
 
-def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from a parsed config.json; errors name `source` and the field."""
+def config_from_hf(hf: dict, source: str = "config.json", check_token_ids: bool = True) -> ModelConfig:
+    """Build a ModelConfig from a parsed config.json; errors name `source` and the field.
+
+    Every field is type-checked as JSON (a quoted "false" is not false). With check_token_ids,
+    bos/eos/pad ids must lie inside the vocabulary."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source} must hold a JSON object, got {type(hf).__name__}")
     family = family_of(hf, source)
     extra = {k: v for k, v in hf.items() if k not in _OWNED}
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    vocab = _field(hf, "vocab_size", source, "count")
+    init_range = _field(hf, "initializer_range", source, "number", default=None, nullable=True)
     common: dict[str, Any] = dict(
-        family=family, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+        family=family, **_token_ids(hf, source, vocab if check_token_ids else None),
+        initializer_range=0.02 if init_range is None else init_range,
         dtype=str(dtype).replace("torch.", ""), extra=extra,
     )
     try:
@@ -94,18 +168,20 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 def _gpt2_from_hf(hf: dict, source: str, common: dict) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-    if act not in acts:
+    if not isinstance(act, str) or act not in acts:
         raise CheckpointError(f"{source}: activation_function {act!r} is not supported ({', '.join(acts)})")
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+    if (_field(hf, "scale_attn_by_inverse_layer_idx", source, "bool", default=False)
+            or not _field(hf, "scale_attn_weights", source, "bool", default=True)):
         raise CheckpointError(f"{source}: GPT-2 attention-scaling variants are not supported")
-    hidden = _require(hf, "n_embd", source)
+    hidden = _field(hf, "n_embd", source, "count")
     return ModelConfig(
-        vocab_size=_require(hf, "vocab_size", source), hidden_size=hidden,
-        num_layers=_require(hf, "n_layer", source), num_heads=_require(hf, "n_head", source),
-        intermediate_size=hf.get("n_inner") or 4 * hidden,
-        max_position_embeddings=_require(hf, "n_positions", source), norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="learned", mlp="gelu", activation=acts[act],
-        attn_qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+        vocab_size=_field(hf, "vocab_size", source, "count"), hidden_size=hidden,
+        num_layers=_field(hf, "n_layer", source, "count"), num_heads=_field(hf, "n_head", source, "count"),
+        intermediate_size=_field(hf, "n_inner", source, "count", default=None, nullable=True) or 4 * hidden,
+        max_position_embeddings=_field(hf, "n_positions", source, "count"), norm="layernorm",
+        norm_eps=_field(hf, "layer_norm_epsilon", source, "positive", default=1e-5), position="learned",
+        mlp="gelu", activation=acts[act], attn_qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+        tie_embeddings=_field(hf, "tie_word_embeddings", source, "bool", default=True),
         **common,
     )
 
@@ -114,36 +190,41 @@ def _llama_like_from_hf(hf: dict, source: str, family: str, common: dict) -> Mod
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"{source}: hidden_act {act!r} is not supported for {family} (expected 'silu')")
-    theta, scaling = _rope_from_hf(hf)
-    layers = _require(hf, "num_hidden_layers", source)
-    sliding_window, layer_types = hf.get("sliding_window"), hf.get("layer_types")
+    theta, scaling = _rope_from_hf(hf, source)
+    layers = _field(hf, "num_hidden_layers", source, "count")
+    heads = _field(hf, "num_attention_heads", source, "count")
+    sliding_window = _field(hf, "sliding_window", source, "count", default=None, nullable=True)
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
+        raise CheckpointError(f"{source}: layer_types must be a list of \"full_attention\" / \"sliding_attention\", "
+                              f"got {layer_types!r}; correct that field")
     if family in ("qwen2", "qwen3"):
-        if not hf.get("use_sliding_window", False):
+        if not _field(hf, "use_sliding_window", source, "bool", default=False):
             sliding_window, layer_types = None, None
         elif layer_types is None:
-            first = hf.get("max_window_layers", layers)
+            first = _field(hf, "max_window_layers", source, "int", default=layers)
             layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     elif family == "llama":
         sliding_window, layer_types = None, None
     if layer_types is not None and "sliding_attention" not in layer_types:
         sliding_window, layer_types = None, None
-    attention_bias = bool(hf.get("attention_bias", False))
+    attention_bias = _field(hf, "attention_bias", source, "bool", default=False)
     kw: dict[str, Any] = dict(
-        vocab_size=_require(hf, "vocab_size", source), hidden_size=_require(hf, "hidden_size", source),
-        intermediate_size=_require(hf, "intermediate_size", source), num_layers=layers,
-        num_heads=_require(hf, "num_attention_heads", source),
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim"),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        attn_qkv_bias=attention_bias or family == "qwen2", attn_out_bias=attention_bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=family == "qwen3", sliding_window=sliding_window,
-        layer_types=list(layer_types) if layer_types else None,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        vocab_size=_field(hf, "vocab_size", source, "count"), hidden_size=_field(hf, "hidden_size", source, "count"),
+        intermediate_size=_field(hf, "intermediate_size", source, "count"), num_layers=layers, num_heads=heads,
+        num_kv_heads=_field(hf, "num_key_value_heads", source, "count", default=None, nullable=True) or heads,
+        head_dim=_field(hf, "head_dim", source, "count", default=None, nullable=True),
+        max_position_embeddings=_field(hf, "max_position_embeddings", source, "count", default=2048),
+        norm_eps=_field(hf, "rms_norm_eps", source, "positive", default=1e-6), rope_theta=theta,
+        rope_scaling=scaling, attn_qkv_bias=attention_bias or family == "qwen2", attn_out_bias=attention_bias,
+        mlp_bias=_field(hf, "mlp_bias", source, "bool", default=False), qk_norm=family == "qwen3",
+        sliding_window=sliding_window, layer_types=list(layer_types) if layer_types else None,
+        tie_embeddings=_field(hf, "tie_word_embeddings", source, "bool", default=False),
     )
     if family == "mixtral":
-        kw.update(mlp="moe", num_experts=_require(hf, "num_local_experts", source),
-                  num_experts_per_tok=hf.get("num_experts_per_tok", 2),
-                  router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+        kw.update(mlp="moe", num_experts=_field(hf, "num_local_experts", source, "count"),
+                  num_experts_per_tok=_field(hf, "num_experts_per_tok", source, "count", default=2),
+                  router_aux_loss_coef=_field(hf, "router_aux_loss_coef", source, "number", default=0.001))
     return ModelConfig(**kw, **common)
 
 
@@ -205,7 +286,7 @@ def hf_layout_problems(cfg: ModelConfig) -> list[str]:
     GPT-2 without linear biases is expressible: it is saved with zero biases (weight_map.implied_zeros)."""
     arch = FAMILY_TO_ARCH[cfg.family]
     try:
-        back = config_from_hf(config_to_hf(cfg))
+        back = config_from_hf(config_to_hf(cfg), check_token_ids=False)
     except (ConfigError, CheckpointError) as err:
         return [str(err)]
     pairs = [(f, getattr(cfg, f), getattr(back, f)) for f in _ARCH_FIELDS]

@@ -28,6 +28,7 @@ def convert(
     from pathlib import Path
 
     import lmstack
+    from lmstack.checkpoint.files import parse_size
     from lmstack.checkpoint.hf import resolve_dtype
     from lmstack.errors import CheckpointError
 
@@ -35,6 +36,7 @@ def convert(
         raise CheckpointError(f"--out {out} is the source directory; write to a new directory")
     if Path(out).is_file():
         raise CheckpointError(f"--out {out} is a file; give a directory to write the model to")
+    parse_size(max_shard_size)  # a bad size fails before the model is loaded
     model, tokenizer = lmstack.load(source, random_init=random_init, dtype=resolve_dtype(dtype), seed=seed)
     path = model.save_pretrained(out, tokenizer=tokenizer, max_shard_size=max_shard_size)
     n = model.num_parameters()

@@ -303,12 +303,13 @@ def quantize(
 
     from lmstack.errors import CheckpointError, ConfigError
     from lmstack.infer.quantize import quantize as run_quantize
-    from lmstack.infer.quantize import save_quantized
+    from lmstack.infer.quantize import refuse_quantized, save_quantized
 
     if Path(out).resolve() == Path(model).resolve():
         raise CheckpointError(f"--out {out} is the source directory; write to a new directory")
     if Path(out).is_file():
         raise CheckpointError(f"--out {out} is a file; give a directory to write the quantized model to")
+    refuse_quantized(model, "lmstack quantize")  # before loading it
     if eval_text is not None and eval_tokens < 2:
         raise ConfigError(f"--eval_tokens must be at least 2 to score a next token, got {eval_tokens}")
     net, tokenizer = _load(model, device, "auto", need_tokenizer=eval_text is not None)

@@ -75,6 +75,7 @@ def quantize(model, method: str = "int8", group_size: int = 128, include_lm_head
     reads one row, so it costs no bandwidth). int4 on CUDA casts the model to bfloat16 first.
     Layers whose input size is not a multiple of group_size stay unquantized (int4).
     """
+    refuse_quantized_model(model, "quantize")  # torchao cannot quantize its own tensors again
     quantize_ = _torchao()
     if method == "int4" and group_size not in (32, 64, 128, 256):
         raise ConfigError(f"group_size={group_size} must be one of 32, 64, 128, 256 for int4")
@@ -126,15 +127,53 @@ def save_quantized(model, directory: str | Path, tokenizer=None) -> Path:
     return directory
 
 
-def is_quantized_dir(directory: str | Path) -> bool:
+def _read_quantization_config(directory: str | Path) -> dict | None:
+    """config.json's quantization_config (a dict), or None when there is none or no readable config.json."""
     path = Path(directory) / "config.json"
     if not path.is_file():
-        return False
+        return None
     try:
-        q = json.loads(path.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # read_config names the file and the fault
+    q = hf.get("quantization_config") if isinstance(hf, dict) else None
+    return q if isinstance(q, dict) and q else None
+
+
+def is_quantized_dir(directory: str | Path) -> bool:
+    """Whether `directory` was written by `lmstack quantize` (save_quantized)."""
+    q = _read_quantization_config(directory) or {}
     return q.get("quant_method") == "torchao" and "lmstack" in q
+
+
+def _quantized_message(where: str | Path, method: str, what: str) -> str:
+    return (f"{where} holds {method}-quantized weights (written by lmstack quantize); {what} needs the unquantized "
+            "model: pass the original directory (lmstack.load, generate, chat and serve read quantized directories)")
+
+
+def refuse_quantized(directory: str | Path, what: str) -> None:
+    """CheckpointError when `directory` holds quantized weights, which `what` cannot use.
+
+    A directory of `lmstack quantize` names its method; one quantized by another tool (bitsandbytes,
+    GPTQ, AWQ, fp8, transformers' torchao) is refused too: its tensors are not plain weights."""
+    q = _read_quantization_config(directory)
+    if q is None:
+        return
+    if is_quantized_dir(directory):
+        info = q["lmstack"] if isinstance(q["lmstack"], dict) else {}
+        raise CheckpointError(_quantized_message(directory, info.get("method", "torchao"), what))
+    method = q.get("quant_method", "an unknown method")
+    raise CheckpointError(
+        f"{directory} holds weights quantized with {method!r} (config.json quantization_config); lmstack loads "
+        "unquantized safetensors or directories written by `lmstack quantize`: use the unquantized model")
+
+
+def refuse_quantized_model(model, what: str) -> None:
+    """CheckpointError when `model` was quantized by `quantize` (e.g. loaded from an `lmstack quantize` directory)."""
+    method = quantized_method(model)
+    if method is not None:
+        where = getattr(model, "quantized_from", None) or "the model"
+        raise CheckpointError(_quantized_message(where, method, what))
 
 
 def load_quantized(directory: str | Path, device: torch.device | str = "cpu"):
@@ -150,6 +189,9 @@ def load_quantized(directory: str | Path, device: torch.device | str = "cpu"):
     directory = Path(directory)
     config = read_config(directory)
     info = config.extra["quantization_config"]["lmstack"]
+    if not isinstance(info, dict) or info.get("method") not in METHODS:
+        raise CheckpointError(f"{directory / 'config.json'}: quantization_config.lmstack must record the method "
+                              f"({', '.join(METHODS)}), got {info!r}; quantize the original model again")
     device = torch.device(device)
     if info["method"] == "int4" and info.get("device") == "cuda" and device.type != "cuda":
         raise CheckpointError(f"{directory} holds CUDA-packed int4 weights (tinygemm layout); load it with "
@@ -177,4 +219,5 @@ def load_quantized(directory: str | Path, device: torch.device | str = "cpu"):
     if tied:
         model.tie_weights()
     model.reset_buffers()
+    model.quantized_from = directory  # named when something needs the unquantized model (refuse_quantized_model)
     return model.to(device).eval()

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from hf_models import VOCAB, hf_model
 
@@ -50,3 +51,11 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "is neither a model directory nor a preset" in out.stderr
+
+
+@pytest.mark.parametrize("size, message", [("0", "max_shard_size 0 must be at least one byte"),
+                                           ("1.2.3GB", "max_shard_size '1.2.3GB' is not a size like '5GB'")])
+def test_a_bad_shard_size_fails_before_the_model_is_built(tmp_path, size, message):
+    out = run_cli("convert", "tiny-llama", str(tmp_path / "o"), "--random_init", "true", "--max_shard_size", size)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "o").exists()

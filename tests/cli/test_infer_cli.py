@@ -11,6 +11,7 @@ from tiny_dir import tiny_model_dir  # noqa: E402
 
 import lmstack  # noqa: E402
 from lmstack.infer import GenerationConfig, generate  # noqa: E402
+from lmstack.infer.quantize import quantize as quantize_model  # noqa: E402
 
 
 def test_help_lists_the_inference_commands():
@@ -94,6 +95,11 @@ def test_quantize_saves_a_directory_that_generates(model_dir, tmp_path, capsys):
     code, out, err = main_cli(capsys, "generate", str(tmp_path / "q"), "--prompt", "To be", "--max_new_tokens", "4",
                               "--device", "cpu")
     assert code == 0 and out.strip(), err
+    code, out, err = main_cli(capsys, "quantize", str(tmp_path / "q"), str(tmp_path / "qq"), "--device", "cpu")
+    assert code == 2 and f"{tmp_path / 'q'} holds int8-quantized weights" in err  # not quantized twice
+    model, _ = lmstack.load(tmp_path / "q")
+    with pytest.raises(lmstack.LmstackError, match="holds int8-quantized weights"):
+        quantize_model(model, "int4")
 
 
 def test_chat_in_a_terminal(model_dir):

@@ -72,7 +72,7 @@ def test_cuda_without_cuda_is_a_clear_error(tiny_dir, capsys, no_server):
     assert "--device cuda but CUDA is not available here; use --device cpu or auto" in err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_a_cuda_device_that_does_not_exist_is_a_clear_error(tiny_dir, capsys, no_server):
     err = _serve(capsys, no_server, str(tiny_dir), "--device", "cuda:99")
     assert f"--device cuda:99 but this machine has {torch.cuda.device_count()} CUDA device(s)" in err
