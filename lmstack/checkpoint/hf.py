@@ -54,6 +54,11 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype | str | None = None,
     state = _read_state(config, files, dtype)
     with torch.device("meta"):
         model = Transformer(config)
+    for name, param in model.named_parameters():  # every shape, not only the ones _read_state knows
+        if name in state and tuple(state[name].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{directory}: the checkpoint's weights for {name} have shape {tuple(state[name].shape)}, but "
+                f"config.json implies {tuple(param.shape)}; the weights do not match config.json")
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.reset_buffers()

@@ -287,3 +287,13 @@ def test_model_config_checks_types(changes, message):
 
     with pytest.raises(ConfigError, match=message):
         ModelConfig(**changes)
+
+
+@pytest.mark.parametrize("family, field", [("llama", "intermediate_size"), ("gpt2", "n_inner")])
+def test_a_config_shape_the_weights_do_not_have_is_named(tmp_path, family, field):
+    directory = saved(tmp_path, family)
+    edit_config(directory, **{field: 48})  # the weights were saved with 64
+    with pytest.raises(CheckpointError, match=r"the checkpoint's weights for layers\.0\.mlp\.\w+\.weight have shape "
+                                              r"\(\d+, \d+\), but config\.json implies \(\d+, \d+\); "
+                                              r"the weights do not match config\.json"):
+        lmstack.load(directory)
