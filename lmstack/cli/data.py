@@ -30,15 +30,12 @@ def _check_out_dir(out: str) -> None:
     """--out must be a directory (or not exist yet), never a regular file."""
     from pathlib import Path
 
+    from lmstack.data.pipeline import file_in_the_way
     from lmstack.errors import ConfigError
 
-    path = Path(out)
-    for candidate in [path, *path.parents]:
-        if candidate.exists():
-            if not candidate.is_dir():
-                where = "is a file" if candidate == path else f"is inside {candidate}, which is a file"
-                raise ConfigError(f"--out {out} {where}; give a directory")
-            return
+    where = file_in_the_way(Path(out))
+    if where:
+        raise ConfigError(f"--out {out} {where}; give a directory")
 
 
 def tokenizer_train(

@@ -306,6 +306,16 @@ def _output_files(out: Path) -> list[Path]:
     return found
 
 
+def file_in_the_way(out: Path) -> str | None:
+    """Why OUT cannot become a directory ("is a file", "is inside X, which is a file"), or None."""
+    for candidate in [out, *out.parents]:
+        if candidate.exists():
+            if candidate.is_dir():
+                return None
+            return "is a file" if candidate == out else f"is inside {candidate}, which is a file"
+    return None
+
+
 def _check_out_dir(out: Path, config: PrepareConfig) -> None:
     """Refuse an --out that is a file, or that holds files no earlier lmstack run in it wrote.
 
@@ -313,12 +323,9 @@ def _check_out_dir(out: Path, config: PrepareConfig) -> None:
     recognisably its own: one with an lmstack index.json (rebuilt with --overwrite) or with
     the checkpoint directory of an interrupted run (.prepare/, written before the first shard).
     """
-    for candidate in [out, *out.parents]:
-        if candidate.exists():
-            if not candidate.is_dir():
-                where = "is a file" if candidate == out else f"is inside {candidate}, which is a file"
-                raise DataError(f"--out {config.out} {where}; give a directory")
-            break
+    where = file_in_the_way(out)
+    if where:
+        raise DataError(f"--out {config.out} {where}; give a directory")
     if not out.is_dir():
         return
     index = out / INDEX_FILE
