@@ -34,6 +34,13 @@ def _load(model: str, device: str, dtype: str, need_tokenizer: bool = True):
     return net.eval(), tokenizer
 
 
+def _note_default_template(model: str, tokenizer) -> None:
+    """Say so when the model has no chat template of its own (a base model): ChatML is a guess."""
+    if not tokenizer.chat_template:
+        print(f"note: {model} has no chat_template in tokenizer_config.json; using ChatML (<|im_start|> turns), "
+              "which a base model was not trained on", file=sys.stderr, flush=True)
+
+
 def _compile_flag(compile: str) -> bool | None:
     from lmstack.errors import ConfigError
 
@@ -155,6 +162,7 @@ def generate(
     if chat:
         from lmstack.infer.chat import stop_ids_for_chat
 
+        _note_default_template(model, tokenizer)
         head = [{"role": "system", "content": system}] if system else []
         prompts = [tokenizer.apply_chat_template(head + [{"role": "user", "content": t}], add_generation_prompt=True,
                                                  tokenize=True) for t in texts]
@@ -233,6 +241,7 @@ def chat(
     from lmstack.infer.chat import ChatSession, stop_ids_for_chat
 
     net, tokenizer = _load(model, device, dtype)
+    _note_default_template(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, seed=seed)
     session = ChatSession(net, tokenizer, config, system=system, stop_token_ids=stop_ids_for_chat(tokenizer, model),

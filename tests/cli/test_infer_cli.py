@@ -130,3 +130,17 @@ def test_chat_in_a_terminal(model_dir):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_mode_says_when_the_model_has_no_template_of_its_own(model_dir, tmp_path, capsys):
+    import shutil
+
+    args = ("--prompt", "hi", "--chat", "true", "--max_new_tokens", "2", "--device", "cpu")
+    code, _, err = main_cli(capsys, "generate", str(model_dir), *args)
+    assert code == 0 and "no chat_template" not in err
+    base = shutil.copytree(model_dir, tmp_path / "base")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    code, _, err = main_cli(capsys, "generate", str(base), *args)
+    assert code == 0 and f"note: {base} has no chat_template in tokenizer_config.json; using ChatML" in err
