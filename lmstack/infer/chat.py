@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmstack.errors import ConfigError
+from lmstack.errors import CheckpointError, ConfigError
 from lmstack.infer.decoder import Decoder, make_decoder
 from lmstack.infer.params import GenerationConfig
 
@@ -22,12 +22,18 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<
 def stop_ids_for_chat(tokenizer, model_dir: str | Path | None = None) -> list[int]:
     """EOS ids from generation_config.json / the tokenizer, plus the template's end-of-turn tokens."""
     ids: list[int] = []
-    if model_dir is not None and (Path(model_dir) / "generation_config.json").is_file():
+    path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if path is not None and path.is_file():
         try:
-            eos = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
-        except json.JSONDecodeError:
-            eos = None
-        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path} is not valid JSON ({err}); fix or delete it (it names the model's stop "
+                                  "tokens)") from None
+        eos = data.get("eos_token_id") if isinstance(data, dict) else None
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i for i in eos):
+            raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        ids += eos
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     for token in END_OF_TURN_TOKENS:

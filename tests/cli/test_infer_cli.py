@@ -144,3 +144,14 @@ def test_chat_mode_says_when_the_model_has_no_template_of_its_own(model_dir, tmp
     (base / "tokenizer_config.json").write_text(json.dumps(config))
     code, _, err = main_cli(capsys, "generate", str(base), *args)
     assert code == 0 and f"note: {base} has no chat_template in tokenizer_config.json; using ChatML" in err
+
+
+def test_a_broken_generation_config_is_named_not_ignored(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    args = ("--prompt", "hi", "--chat", "true", "--max_new_tokens", "2", "--device", "cpu")
+    for text, message in (("{not json", "is not valid JSON"), ('{"eos_token_id": "x"}', "eos_token_id must be")):
+        (broken / "generation_config.json").write_text(text)
+        code, _, err = main_cli(capsys, "generate", str(broken), *args)
+        assert code == 2 and f"{broken / 'generation_config.json'}" in err and message in err
