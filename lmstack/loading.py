@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lmstack.config import PRESETS, ModelConfig, get_preset
-from lmstack.errors import CheckpointError
+from lmstack.errors import CheckpointError, ConfigError
 from lmstack.model.transformer import Transformer
 from lmstack.tokenizer import Tokenizer
 
@@ -20,8 +20,16 @@ def load(path_or_preset: str | Path, *, random_init: bool = False, dtype: torch.
     A preset has no tokenizer, so its tokenizer is None. `dtype` defaults to the checkpoint's
     (a preset's own dtype is used only when asked for by name: random init is float32).
     """
-    from lmstack.checkpoint.hf import load_hf_model
+    from lmstack.checkpoint.hf import load_hf_model, resolve_dtype
+    from lmstack.train.distributed import resolve_device
 
+    if not isinstance(path_or_preset, (str, Path)) or not str(path_or_preset):
+        raise CheckpointError(f"give a model directory or a preset name, got {path_or_preset!r}")
+    if config is not None and not isinstance(config, ModelConfig):
+        raise ConfigError(f"config must be a ModelConfig, got {type(config).__name__}; e.g. "
+                          "lmstack.get_preset('tiny-llama').replace(...) or ModelConfig.from_dict(your_dict)")
+    device = resolve_device(str(device))  # a device this machine has, checked before any work
+    resolve_dtype(dtype)
     path = Path(path_or_preset)
     if path.is_dir():
         from lmstack.infer.quantize import is_quantized_dir

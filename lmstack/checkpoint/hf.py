@@ -25,6 +25,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise ConfigError(f"dtype {dtype} is not a floating-point type; use one of {', '.join(DTYPES)} or 'auto'")
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype in ("auto", ""):
@@ -143,7 +145,13 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
     """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer."""
     from lmstack.infer.quantize import refuse_quantized_model
 
+    if not str(directory):
+        raise CheckpointError("give a directory to save the model to (got an empty path)")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save to {directory}: it is a file; give a directory")
+    if tokenizer is not None and not hasattr(tokenizer, "save"):
+        raise CheckpointError(f"tokenizer must be an lmstack Tokenizer (or None), got {type(tokenizer).__name__}")
     refuse_quantized_model(model, f"saving a Hugging Face checkpoint to {directory} (lmstack convert, save_pretrained)")
     config = model.config
     problems = hf_layout_problems(config)

@@ -75,6 +75,10 @@ class LLM:
         if not ids:
             raise ConfigError("no prompts given")
         params = _per_prompt(sampling_params, len(ids), "sampling_params")
+        if not all(sp is None or isinstance(sp, SamplingParams) for sp in params):
+            bad = next(sp for sp in params if not (sp is None or isinstance(sp, SamplingParams)))
+            raise ConfigError(f"sampling_params must be SamplingParams (one, or one per prompt), got "
+                              f"{type(bad).__name__}; e.g. SamplingParams(**your_dict)")
         priorities = _per_prompt(priority, len(ids), "priority") if priority is not None else [0] * len(ids)
         requests = []
         for i, (p, text, sp, prio) in enumerate(zip(ids, texts, params, priorities)):

@@ -8,6 +8,7 @@ the same tokens and text; beam search lives in `beam.py`. The model runs through
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -44,23 +45,35 @@ class Plan:
 def as_token_lists(prompts: Prompts, tokenizer=None) -> tuple[list[list[int]], list[str | None]]:
     """Normalise a str / ids / list of either / (B, T) tensor into lists of ids (and their texts)."""
     if isinstance(prompts, torch.Tensor):
+        if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
+            raise ConfigError(f"a tensor prompt must hold integer token ids, shaped (T,) or (B, T); got a "
+                              f"{prompts.dtype} tensor of shape {tuple(prompts.shape)}")
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ConfigError(f"prompts must be a string, a list of token ids, or a list of either; got "
+                          f"{type(prompts).__name__}")
     prompts = list(prompts)
-    if prompts and isinstance(prompts[0], int):
+    if prompts and _is_id(prompts[0]):
         prompts = [prompts]
     ids, texts = [], []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if isinstance(p, str):
             if tokenizer is None:
                 raise ConfigError("text prompts need a tokenizer: pass tokenizer=... or token ids")
             ids.append(tokenizer.encode(p, add_special_tokens=True))
             texts.append(p)
-        else:
+        elif isinstance(p, (list, tuple)) and all(_is_id(t) for t in p):
             ids.append([int(t) for t in p])
             texts.append(None)
+        else:
+            raise ConfigError(f"prompt {i} is {p!r:.60}; each prompt is a string or a list of integer token ids")
     return ids, texts
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # ints and numpy ints
 
 
 def eos_ids_for(model, tokenizer, config: GenerationConfig) -> list[int]:
@@ -78,6 +91,9 @@ def plan(model, prompts: Prompts, config: GenerationConfig | SamplingParams | No
     """Validate everything (options, prompt lengths, token budget) before any model work."""
     if config is None:
         config = GenerationConfig()
+    elif not isinstance(config, SamplingParams):
+        raise ConfigError(f"config must be a GenerationConfig or SamplingParams, got {type(config).__name__}; "
+                          "e.g. GenerationConfig(**your_dict)")
     elif not isinstance(config, GenerationConfig):
         config = GenerationConfig(**{f: getattr(config, f) for f in SamplingParams.__dataclass_fields__})
     config.validate(model.config.vocab_size)

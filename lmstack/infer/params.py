@@ -10,6 +10,8 @@ Every check runs in `validate`, before any model work.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lmstack.errors import ConfigError
@@ -53,7 +55,13 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.logit_bias is not None:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            if not isinstance(self.logit_bias, Mapping):
+                raise ConfigError(f"logit_bias={self.logit_bias!r:.60} must map token ids to biases")
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ConfigError(f"logit_bias={self.logit_bias!r:.60} must map integer token ids to "
+                                  "numbers") from None
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +73,16 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise ConfigError naming the first option out of range; returns self for chaining."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), name,
+                   value, "must be a finite number")
+        _check(self.stop is None or (isinstance(self.stop, list) and all(isinstance(x, str) for x in self.stop)),
+               "stop", self.stop, "must be a string or a list of strings")
+        _check(all(math.isfinite(v) for v in (self.logit_bias or {}).values()), "logit_bias", self.logit_bias,
+               "must map token ids to finite biases (use banned_token_ids to forbid a token)")
+        _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64), "seed", self.seed,
+               "must be an integer that fits in 64 bits")
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 means greedy)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.config import ModelConfig
+from lmstack.errors import ConfigError
 from lmstack.model.attention import Attention, AttentionContext, CausalContext
 from lmstack.model.mlp import GeluMLP, SwiGLU
 from lmstack.model.moe import MoE, load_balancing_loss
@@ -145,6 +146,13 @@ class Transformer(nn.Module):
         (left padding) and the cache. logits_to_keep: only the last n positions' logits, or (as
         in transformers) a 1-D tensor of the positions to keep (the engine keeps one row per sequence).
         """
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ConfigError(f"input_ids must be integer token ids shaped (batch, tokens), got a {input_ids.dtype} "
+                              f"tensor of shape {tuple(input_ids.shape)}" +
+                              ("; add the batch dimension: input_ids[None]" if input_ids.dim() == 1 else ""))
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ConfigError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                              f"{tuple(input_ids.shape)} (aligned with them; -100 where no loss is wanted)")
         B, T = input_ids.shape
         if positions is None:
             positions = self.default_positions(input_ids, attention_mask, kv_cache)

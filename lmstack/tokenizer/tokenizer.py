@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -158,7 +159,10 @@ class Tokenizer:
     # ---- files -------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
+        """From a directory with tokenizer.json (and tokenizer_config.json), or that tokenizer.json itself."""
         directory = Path(directory)
+        if directory.is_file() and directory.name == "tokenizer.json":
+            directory = directory.parent
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"{directory} has no tokenizer.json; pass a Hugging Face tokenizer/model "
@@ -273,14 +277,24 @@ class Tokenizer:
 
     # ---- encode / decode ---------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        _check_text(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        for text in texts:
+            _check_text(text)
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; a partial UTF-8 sequence decodes to U+FFFD, never an error."""
-        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; a partial UTF-8 sequence decodes to U+FFFD, never an error. Ids beyond the
+        tokenizer (a model's padded vocabulary rows) decode to nothing; negative ids are an error."""
+        try:
+            ids = [operator.index(i) for i in ids]  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            raise TokenizerError(f"cannot decode {ids!r:.60}: token ids are integers >= 0") from None
+        if ids and min(ids) < 0:
+            raise TokenizerError(f"cannot decode token id {min(ids)}: token ids are integers >= 0")
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if self._clean_up_spaces:
             for old, new in _CLEANUP:
                 text = text.replace(old, new)
@@ -340,3 +354,16 @@ class Tokenizer:
     def __repr__(self) -> str:
         model = type(self.backend.model).__name__
         return f"Tokenizer({model}, vocab_size={self.vocab_size}, eos={self.special_token('eos')!r})"
+
+
+def _check_text(text: str) -> None:
+    """Text the tokenizer can encode: a str of valid Unicode (a lone surrogate, which JSON's \\ud800
+    escapes can carry, would make the Rust tokenizer raise a bare TypeError)."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"text to encode must be a str, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise TokenizerError(f"the text is not valid Unicode: a lone surrogate {text[err.start]!r} at index "
+                                 f"{err.start}; send UTF-8 text") from None
