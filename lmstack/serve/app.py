@@ -25,14 +25,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.serve.admission import AdmissionController, BodySizeLimit, ServeLimits, Ticket
 from lmstack.serve.auth import APIKeyAuth
-from lmstack.serve.chat import create_chat_completion, render_chat
+from lmstack.serve.chat import create_chat_completion, render_chat_async
 from lmstack.serve.completions import create_completion
 from lmstack.serve.engine_client import EngineClient
-from lmstack.serve.errors import APIError, bad_request, install_error_handlers, log
+from lmstack.serve.errors import APIError, bad_request, install_error_handlers, log, short
 from lmstack.serve.generation import until_disconnected
 from lmstack.serve.logprobs import TokenTexts
 from lmstack.serve.metrics import CONTENT_TYPE, ServerMetrics
-from lmstack.serve.params import as_batch, check_model
+from lmstack.serve.params import as_batch, check_model, encode
 from lmstack.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -98,6 +98,7 @@ class ServeState:
             raise ConfigError("the server needs a tokenizer: the model directory has no tokenizer.json; add one "
                               "or pass tokenizer=...")
         self.tokenizer, self.texts, self.engine = tokenizer, TokenTexts(tokenizer), client
+        self.texts.max_chars_per_token()  # computed once now (a pass over the vocabulary), not in a request
         self.metrics.starting.labels(self.config.model_names[0]).set(0)
 
     def _stats(self) -> Any:
@@ -194,11 +195,21 @@ def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(state, body, request)
 
+    def card(name: str) -> ModelCard:
+        max_len = state.engine.max_model_len if state.engine is not None else None
+        return ModelCard(id=name, created=state.created, root=config.model_root, max_model_len=max_len)
+
     @api.get("/v1/models", response_model=ModelList, summary="List the served model")
     async def models() -> ModelList:
-        max_len = state.engine.max_model_len if state.engine is not None else None
-        return ModelList(data=[ModelCard(id=name, created=state.created, root=config.model_root, max_model_len=max_len)
-                               for name in config.model_names])
+        return ModelList(data=[card(name) for name in config.model_names])
+
+    @api.get("/v1/models/{model_id:path}", response_model=ModelCard, summary="Describe one served model",
+             responses={404: {"model": ErrorResponse}})
+    async def model(model_id: str) -> ModelCard:
+        if model_id not in config.model_names:
+            raise APIError(404, f"the model {short(model_id)} does not exist on this server; it serves "
+                           f"{config.model_names}", param="model", code="model_not_found")
+        return card(model_id)
 
     @api.post("/v1/embeddings", response_model=EmbeddingResponse, summary="Embed text (mean-pooled hidden states)")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
@@ -209,10 +220,10 @@ def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | 
         check_model(state, body.model)
         state.require_engine()
         if body.messages is not None:
-            text = render_chat(state, body.messages, add_generation_prompt=body.add_generation_prompt)
-            ids = state.tokenizer.encode(text, add_special_tokens=False)
+            text = await render_chat_async(state, body.messages, add_generation_prompt=body.add_generation_prompt)
+            ids = await encode(state, text, "messages", add_special_tokens=False)
         else:
-            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await encode(state, body.prompt, "prompt", add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.engine.max_model_len)
 
     @api.post("/detokenize", response_model=DetokenizeResponse, summary="Token ids to text")
@@ -234,6 +245,10 @@ def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | 
         if problem is not None:
             return APIError(503, problem, code="engine_unavailable").response()
         return JSONResponse({"status": "ok"})
+
+    # HEAD /health: load balancers' probes (the same status, no body); kept out of the OpenAPI document,
+    # where it would repeat GET's operation id
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
@@ -257,7 +272,10 @@ async def _embeddings(state: ServeState, body: EmbeddingRequest, request: Reques
                           f"{engine.hidden_size} dimensions", param="dimensions", code="unsupported_parameter")
     batch = []
     for item in inputs:
-        ids = state.tokenizer.encode(item, add_special_tokens=True) if isinstance(item, str) else list(item)
+        if isinstance(item, str):
+            ids = await encode(state, item, "input", add_special_tokens=True, max_tokens=engine.max_model_len)
+        else:
+            ids = list(item)
         if not ids:
             raise bad_request("an input is empty after tokenization", param="input")
         if len(ids) > engine.max_model_len:

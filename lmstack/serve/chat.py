@@ -9,6 +9,7 @@ content filter ends with finish_reason `content_filter` and the reason in `refus
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ from lmstack.serve.generation import SSE_DONE, PromptRun, SSEResponse, run_promp
 from lmstack.serve.logprobs import chat_logprobs
 from lmstack.serve.params import (
     check_engine_accepts,
+    check_messages,
     check_model,
     check_prompt_length,
+    encode,
     resolve_max_tokens,
     sampling_params,
 )
@@ -90,6 +93,10 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request("tool_choice other than 'none' or 'auto' is not supported: the server does not parse tool "
                           "calls; tools are only shown to the model through its chat template",
                           param="tool_choice", code="unsupported_parameter")
+    if req.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs is not supported on chat completions; use /v1/completions with the "
+                          "rendered prompt (POST /tokenize gives its token ids)", param="prompt_logprobs",
+                          code="unsupported_parameter")
 
 
 @dataclass
@@ -103,8 +110,15 @@ class _Choice:
     started: bool = False
 
 
-def _plan(state: Any, req: ChatCompletionRequest, request_id: str) -> PromptRun:
+async def render_chat_async(state: Any, messages: list[ChatMessage], **kwargs: Any) -> str:
+    """`render_chat` off the event loop (a template over long messages takes a while)."""
+    check_messages(messages)
+    return await asyncio.to_thread(render_chat, state, messages, **kwargs)
+
+
+async def _plan(state: Any, req: ChatCompletionRequest, request_id: str) -> PromptRun:
     _check_unsupported(req)
+    check_messages(req.messages)
     safety = state.config.safety
     if safety is not None:
         violation = safety.check_input_texts([m.text() for m in req.messages])
@@ -112,10 +126,10 @@ def _plan(state: Any, req: ChatCompletionRequest, request_id: str) -> PromptRun:
             state.metrics.safety_refusal("input", violation.category)
             raise APIError(400, violation.user_message(), param="messages", code="content_filter")
     tools = req.tools if req.tool_choice != "none" else None
-    text = render_chat(state, req.messages, add_generation_prompt=req.add_generation_prompt,
-                       continue_final_message=req.continue_final_message, tools=tools,
-                       template_kwargs=req.chat_template_kwargs)
-    ids = state.tokenizer.encode(text, add_special_tokens=False)
+    text = await render_chat_async(state, req.messages, add_generation_prompt=req.add_generation_prompt,
+                                   continue_final_message=req.continue_final_message, tools=tools,
+                                   template_kwargs=req.chat_template_kwargs)
+    ids = await encode(state, text, "messages", add_special_tokens=False, max_tokens=state.engine.max_model_len)
     check_prompt_length(state, len(ids), param="messages")
     if req.max_completion_tokens is not None:
         max_tokens = resolve_max_tokens(state, len(ids), req.max_completion_tokens, "max_completion_tokens")
@@ -137,7 +151,7 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, request
     model = check_model(state, req.model)
     state.require_engine()
     request_id = random_id("chatcmpl")
-    run = _plan(state, req, request_id)
+    run = await _plan(state, req, request_id)
     created = now()
     deadline = time.monotonic() + state.config.limits.request_timeout
     ticket = state.admit(1)

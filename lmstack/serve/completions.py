@@ -27,12 +27,13 @@ from lmstack.serve.generation import (
     sse,
     until_disconnected,
 )
-from lmstack.serve.logprobs import completion_logprobs
+from lmstack.serve.logprobs import completion_logprobs, prompt_logprobs_vllm
 from lmstack.serve.params import (
     as_batch,
     check_engine_accepts,
     check_model,
     check_prompt_length,
+    encode,
     resolve_max_tokens,
     sampling_params,
 )
@@ -65,24 +66,26 @@ class _Choice:
     offset: int = 0  # text_offset of the next token (streaming)
 
 
-def _prompts(state: Any, prompt: Any, add_special_tokens: bool) -> list[tuple[list[int], str]]:
-    """(ids, text) per prompt, whatever form `prompt` came in."""
+async def _prompts(state: Any, prompt: Any, add_special_tokens: bool) -> list[tuple[list[int], str]]:
+    """(ids, text) per prompt, whatever form `prompt` came in; text is tokenized off the event loop."""
     tok = state.tokenizer
     prompt = as_batch(state, prompt, "prompt", "prompt")
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append((tok.encode(p, add_special_tokens=add_special_tokens), p))
+            ids = await encode(state, p, "prompt", add_special_tokens=add_special_tokens,
+                               max_tokens=state.engine.max_model_len)
+            out.append((ids, p))
         else:
             vocab = state.engine.vocab_size
-            bad = [t for t in p if t >= vocab]
+            bad = [t for t in p if not 0 <= t < vocab]
             if bad:
                 raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
             out.append((list(p), tok.decode(p, skip_special_tokens=False)))
     return out
 
 
-def _plan(state: Any, req: CompletionRequest, request_id: str) -> list[_Prompt]:
+async def _plan(state: Any, req: CompletionRequest, request_id: str) -> list[_Prompt]:
     if req.suffix:
         raise bad_request("suffix is not supported by this server", param="suffix", code="unsupported_parameter")
     if req.best_of is not None and req.best_of != req.n:
@@ -91,7 +94,10 @@ def _plan(state: Any, req: CompletionRequest, request_id: str) -> list[_Prompt]:
     if req.echo and req.prompt_logprobs is not None and req.logprobs is not None \
             and req.prompt_logprobs != req.logprobs:
         raise bad_request("with echo, prompt_logprobs must equal logprobs", param="prompt_logprobs")
-    prompts = _prompts(state, req.prompt, req.add_special_tokens)
+    if req.stream and req.prompt_logprobs is not None:  # as vLLM
+        raise bad_request("prompt_logprobs is not available with stream=true (use echo with logprobs, or do not "
+                          "stream)", param="prompt_logprobs", code="unsupported_parameter")
+    prompts = await _prompts(state, req.prompt, req.add_special_tokens)
     safety = state.config.safety
     if safety is not None:
         violation = safety.check_input_texts([text for _, text in prompts])
@@ -100,7 +106,7 @@ def _plan(state: Any, req: CompletionRequest, request_id: str) -> list[_Prompt]:
             raise APIError(400, violation.user_message(), param="prompt", code="content_filter")
     plan = []
     for i, (ids, text) in enumerate(prompts):
-        check_prompt_length(state, len(ids))
+        check_prompt_length(state, len(ids), max_tokens=req.max_tokens)
         max_tokens = resolve_max_tokens(state, len(ids), req.max_tokens, "max_tokens")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else req.prompt_logprobs
         params = sampling_params(state, req, max(max_tokens, 1), logprobs=req.logprobs,
@@ -158,7 +164,11 @@ async def _collect(state: Any, req: CompletionRequest, plan: list[_Prompt], tick
                         getattr(head, name).extend(getattr(lp, name))
                     lp = head
                 logprobs = lp
-            out.append(CompletionChoice(index=i * n + j, text=text, logprobs=logprobs,
+            prompt_lp = None
+            if req.prompt_logprobs is not None and i in first:
+                prompt_lp = prompt_logprobs_vllm(state.texts, p.token_ids, first[i].prompt_logprobs,
+                                                 first[i].prompt_top_logprobs)
+            out.append(CompletionChoice(index=i * n + j, text=text, logprobs=logprobs, prompt_logprobs=prompt_lp,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason))
     return out
 
@@ -167,7 +177,7 @@ async def create_completion(state: Any, req: CompletionRequest, request: Request
     model = check_model(state, req.model)
     state.require_engine()
     request_id = random_id("cmpl")
-    plan = _plan(state, req, request_id)
+    plan = await _plan(state, req, request_id)
     created = now()
     deadline = time.monotonic() + state.config.limits.request_timeout
     ticket = state.admit(len(plan))

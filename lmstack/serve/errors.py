@@ -50,6 +50,40 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, param=param, code=code)
 
 
+def short(value: object, limit: int = 40) -> str:
+    """repr(value), cut to about `limit` characters: a client's 5000-digit key is not echoed in full."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<an integer of about {value.bit_length() * 3 // 10} digits>" if isinstance(value, int) else "<?>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone UTF-16 surrogate (U+D800..U+DFFF) in `text`, or None.
+
+    JSON's \\ud800 escapes decode to such code points; they are not Unicode text, and no
+    tokenizer (nor UTF-8) can encode them. `str.encode` finds them in C, fast for megabytes.
+    """
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def check_text(text: str, param: str, where: str | None = None) -> None:
+    """400 naming `param` (the message says `where`, e.g. messages[0].content) when `text` holds a lone surrogate."""
+    index = lone_surrogate(text)
+    if index is not None:
+        raise bad_request(f"{where or param} is not valid Unicode text (a lone surrogate \\u{ord(text[index]):04x} at index "
+                          f"{index})", param=param)
+
+
 _UNION_HINTS = {
     "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
     "input": "a string, a list of strings, a list of token ids or a list of token-id lists",
@@ -70,7 +104,30 @@ def _location(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+_TOKEN_ID_FIELDS = ("prompt", "input", "tokens", "stop_token_ids")
+
+
+def _negative_token_id(errors: list[dict], vocab_size: int | None) -> APIError | None:
+    """A negative token id anywhere in a token-id field: say so, not "must be a string or ..."."""
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        value = e.get("input")
+        if e.get("type") == "greater_than_equal" and len(loc) > 1 and loc[1] in _TOKEN_ID_FIELDS \
+                and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            vocab = f"[0, {vocab_size})" if vocab_size else "(token ids are >= 0)"
+            return bad_request(f"{loc[1]}: token id {short(value)} is outside the vocabulary {vocab}", param=loc[1])
+    return None
+
+
+def _model_validator_error(first: dict) -> APIError:
+    """A cross-field check of a request model (`model_validator`) failed: its own message, as written."""
+    error = first.get("ctx", {}).get("error")
+    message = str(error) if error is not None else str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    param = getattr(error, "param", None)
+    return bad_request(message, param=param)
+
+
+def validation_error(exc: RequestValidationError, vocab_size: int | None = None) -> APIError:
     """FastAPI's list of pydantic errors -> one readable 400 naming the first bad field."""
     errors = exc.errors()
     if not errors:
@@ -80,7 +137,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind == "json_invalid":
         return bad_request(f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
                            "send a JSON object with Content-Type: application/json", code="invalid_json")
+    negative = _negative_token_id(errors, vocab_size)
+    if negative is not None:
+        return negative
     param = _location(tuple(first.get("loc", ())))
+    if param is None and kind in ("value_error", "assertion_error"):
+        return _model_validator_error(first)
     if param is None:
         return bad_request("the request body must be a JSON object (Content-Type: application/json)",
                            code="invalid_type")
@@ -97,6 +159,25 @@ def validation_error(exc: RequestValidationError) -> APIError:
                        code="invalid_type" if "type" in kind or "parsing" in kind else "invalid_value")
 
 
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's HTTPException for any non-JSONDecodeError
+
+
+def body_parse_error(cause: BaseException | None) -> APIError:
+    """The body could not be read as JSON for a reason other than a syntax error: say which."""
+    if isinstance(cause, UnicodeDecodeError):
+        reason = f"it is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    elif isinstance(cause, RecursionError):
+        reason = "it is nested too deeply"
+    elif isinstance(cause, ValueError) and "digits" in str(cause):
+        reason = "it holds an integer with too many digits"
+    elif cause is not None:
+        reason = f"{type(cause).__name__}: {short(str(cause), 80)}"
+    else:
+        reason = "parse error"
+    return bad_request(f"the request body is not valid JSON ({reason}); send a JSON object with "
+                       "Content-Type: application/json", code="invalid_json")
+
+
 def _counted(request: Request, err: APIError) -> JSONResponse:
     state = getattr(request.app.state, "lmstack", None)
     if state is not None:
@@ -111,10 +192,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _counted(request, validation_error(exc))
+        state = getattr(request.app.state, "lmstack", None)
+        engine = getattr(state, "engine", None)
+        return _counted(request, validation_error(exc, getattr(engine, "vocab_size", None)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR:
+            return _counted(request, body_parse_error(exc.__cause__))
         message = {404: f"no route {request.method} {request.url.path}; see /docs for the API",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return _counted(request, APIError(exc.status_code, message, code=None, headers=getattr(exc, "headers", None)))

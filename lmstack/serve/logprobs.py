@@ -15,7 +15,7 @@ import math
 import re
 from functools import lru_cache
 
-from lmstack.serve.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from lmstack.serve.protocol import ChatTokenLogprob, CompletionLogprobs, PromptLogprob, TopLogprob
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -47,10 +47,54 @@ class TokenTexts:
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
         try:
-            decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
+            self._spec = json.loads(tokenizer.backend.to_str())
         except Exception:  # a tokenizer-like object without a `tokenizers` backend
-            decoder = {}
-        self.byte_level = "ByteLevel" in json.dumps(decoder)
+            self._spec = {}
+        self.byte_level = "ByteLevel" in json.dumps(self._spec.get("decoder") or {})
+        self._chars_per_token: int | None | bool = False  # False: not computed yet
+
+    def max_chars_per_token(self) -> int | None:
+        """An upper bound on how many characters of input text one token can stand for, or None
+        when this tokenizer gives no such bound (a normalizer or pre-tokenizer that drops text,
+        added tokens that swallow whitespace). A text longer than max_model_len times this can
+        never fit in the context, so it is refused before it is tokenized.
+
+        The bound holds for byte-level BPE: without a normalizer every input byte belongs to
+        exactly one token, and a character is at least one byte; NFC composition turns at most
+        two characters into each byte of the result, hence the factor 2.
+        """
+        if self._chars_per_token is False:
+            self._chars_per_token = self._compute_chars_per_token()
+        return self._chars_per_token  # type: ignore[return-value]
+
+    def _compute_chars_per_token(self) -> int | None:
+        spec = self._spec
+        if not spec or not self.byte_level or (spec.get("model") or {}).get("type") != "BPE":
+            return None
+        normalizer = spec.get("normalizer")
+        factor = {None: 1, "NFC": 2}.get(None if normalizer is None else normalizer.get("type"), 0)
+        if not factor:
+            return None
+
+        def lossless(pre: dict | None) -> bool:
+            if pre is None:
+                return False  # byte-level BPE always has a ByteLevel pre-tokenizer
+            kind = pre.get("type")
+            if kind == "Sequence":
+                return all(lossless(p) or p.get("type") in ("Split", "Digits", "Punctuation")
+                           and p.get("behavior") != "Removed" for p in pre.get("pretokenizers", []))
+            return kind == "ByteLevel"
+
+        if not lossless(spec.get("pre_tokenizer")) or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+            return None
+        added = spec.get("added_tokens") or []
+        if any(t.get("lstrip") or t.get("rstrip") for t in added):
+            return None
+        table = _byte_decoder()
+        longest = max((len(t.get("content", "")) for t in added), default=1)
+        for piece in (spec.get("model") or {}).get("vocab", {}):
+            longest = max(longest, len(piece) if all(c in table for c in piece) else len(piece.encode("utf-8")))
+        return longest * factor
 
     def text(self, token_id: int) -> str:
         text = self._text.get(token_id)
@@ -112,4 +156,28 @@ def chat_logprobs(texts: TokenTexts, token_ids: list[int], logprobs: list[float]
             token=texts.text(tid), logprob=_finite(lp), bytes=texts.bytes(tid),
             top_logprobs=[TopLogprob(token=texts.text(t), logprob=_finite(v), bytes=texts.bytes(t)) for t, v in best],
         ))
+    return out
+
+
+def prompt_logprobs_vllm(texts: TokenTexts, token_ids: list[int], logprobs: list[float | None] | None,
+                         top: list[dict[int, float] | None] | None) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first: nothing precedes it) or
+    {token id as a string: {logprob, rank, decoded_token}} holding the prompt token itself, then
+    the top-k alternatives (k = prompt_logprobs) ranked 1..k. The prompt token's rank is known
+    when it is among the top k; otherwise it is null (the engine reports only the top k).
+    """
+    out: list[dict[str, PromptLogprob] | None] = []
+    logprobs = list(logprobs or [])
+    for i, tid in enumerate(token_ids):
+        lp = logprobs[i] if i < len(logprobs) else None
+        if lp is None:
+            out.append(None)
+            continue
+        alternatives = (top[i] if top is not None and i < len(top) else None) or {}
+        ranked = sorted(alternatives.items(), key=lambda kv: -kv[1])
+        ranks = {t: r for r, (t, _) in enumerate(ranked, start=1)}
+        entry = {str(tid): PromptLogprob(logprob=_finite(lp), rank=ranks.get(tid), decoded_token=texts.text(tid))}
+        for t, v in ranked:
+            entry.setdefault(str(t), PromptLogprob(logprob=_finite(v), rank=ranks[t], decoded_token=texts.text(t)))
+        out.append(entry)
     return out

@@ -7,11 +7,12 @@ and answer with a 400 naming the field, before the engine sees anything.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.infer.params import SamplingParams
-from lmstack.serve.errors import APIError, bad_request
+from lmstack.serve.errors import APIError, bad_request, check_text, short
 
 
 def check_model(state: Any, model: str | None) -> str:
@@ -19,7 +20,7 @@ def check_model(state: Any, model: str | None) -> str:
     names = state.config.model_names
     if model is None or model == "" or model in names:
         return names[0]
-    raise APIError(400, f"the model {model!r} does not exist on this server; it serves {names}",
+    raise APIError(400, f"the model {short(model)} does not exist on this server; it serves {names}",
                    param="model", code="model_not_found")
 
 
@@ -35,14 +36,67 @@ def as_batch(state: Any, value: Any, param: str, noun: str) -> list:
     return value
 
 
-def check_prompt_length(state: Any, num_tokens: int, param: str = "prompt") -> None:
+def check_prompt_length(state: Any, num_tokens: int, param: str = "prompt", max_tokens: int | None = None) -> None:
     limit = state.engine.max_model_len
     if num_tokens == 0:
         raise bad_request("the prompt is empty after tokenization; give at least one token", param=param)
     if num_tokens >= limit:
+        why = ("leaving no room to generate" if max_tokens != 0 else
+               "and the engine needs one position past the prompt even to score it (max_tokens=0): a prompt can have "
+               f"at most {limit - 1} tokens")
         raise bad_request(f"the prompt has {num_tokens} tokens but this model's context (max_model_len) is {limit} "
-                          "tokens, leaving no room to generate; shorten the prompt", param=param,
-                          code="context_length_exceeded")
+                          f"tokens, {why}; shorten the prompt", param=param, code="context_length_exceeded")
+
+
+def check_text_fits(state: Any, text: str, param: str, max_tokens: int) -> None:
+    """Refuse, before tokenizing it, a text so long that it cannot be `max_tokens` tokens or fewer.
+
+    Uses the tokenizer's bound on characters per token (None: no bound, nothing refused here).
+    """
+    per_token = state.texts.max_chars_per_token() if state.texts is not None else None
+    if per_token is not None and len(text) > max_tokens * per_token:
+        raise bad_request(f"the {param} has {len(text)} characters, more than the {max_tokens} tokens of this model's "
+                          f"context (max_model_len={state.engine.max_model_len}) can hold (a token here is at most "
+                          f"{per_token} characters); shorten it", param=param, code="context_length_exceeded")
+
+
+async def encode(state: Any, text: str, param: str, *, add_special_tokens: bool,
+                 max_tokens: int | None = None) -> list[int]:
+    """Tokenize a client's text off the event loop; 400 naming `param` for text the tokenizer refuses.
+
+    max_tokens: when given, a text that can never be that few tokens is refused at once.
+    """
+    check_text(text, param)
+    if max_tokens is not None:
+        check_text_fits(state, text, param, max_tokens)
+    tok = state.tokenizer
+    try:
+        if len(text) < 4096:  # a thread hop costs more than tokenizing a short text
+            return tok.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(_encode_long, tok, text, add_special_tokens)
+    except LmstackError as err:
+        raise bad_request(f"{param} could not be tokenized: {err}", param=param) from None
+
+
+def _encode_long(tok: Any, text: str, add_special_tokens: bool) -> list[int]:
+    # `tokenizers` holds the GIL through `encode` but releases it in `encode_batch`: only the
+    # latter lets the event loop (and every other request) run while megabytes are tokenized.
+    batch = getattr(tok, "encode_batch", None)
+    if batch is None:
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+    return batch([text], add_special_tokens=add_special_tokens)[0]
+
+
+def check_messages(messages: list[Any], param: str = "messages") -> None:
+    """400 for a lone surrogate in any message's text (content, text parts, name)."""
+    for i, m in enumerate(messages):
+        if isinstance(m.content, str):
+            check_text(m.content, param, f"{param}[{i}].content")
+        elif isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                check_text(part.text, param, f"{param}[{i}].content[{j}].text")
+        if m.name is not None:
+            check_text(m.name, param, f"{param}[{i}].name")
 
 
 def resolve_max_tokens(state: Any, num_prompt_tokens: int, requested: int | None, param: str) -> int:
@@ -65,10 +119,10 @@ def _logit_bias(state: Any, bias: dict[str, float] | None) -> dict[int, float] |
         try:
             token = int(key)
         except ValueError:
-            raise bad_request(f"logit_bias key {key!r} is not a token id (keys are token ids as strings)",
+            raise bad_request(f"logit_bias key {short(key)} is not a token id (keys are token ids as strings)",
                               param="logit_bias") from None
         if not 0 <= token < state.engine.vocab_size:
-            raise bad_request(f"logit_bias token id {token} is outside the vocabulary [0, {state.engine.vocab_size})",
+            raise bad_request(f"logit_bias token id {short(token)} is outside the vocabulary [0, {state.engine.vocab_size})",
                               param="logit_bias")
         if not -100.0 <= value <= 100.0:
             raise bad_request(f"logit_bias value {value} for token {token} must be in [-100, 100]", param="logit_bias")

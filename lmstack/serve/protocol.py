@@ -27,7 +27,16 @@ def now() -> int:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinity (Python's json reads `NaN`) are refused with "should be a finite number"
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class FieldError(ValueError):
+    """A cross-field check failed: the message is the client's, `param` the field to blame."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class StreamOptions(_Request):
@@ -36,7 +45,8 @@ class StreamOptions(_Request):
 
 
 Stop = str | list[str] | None
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0, strict=True)]  # strict: JSON true/false are not token ids 1 and 0
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class _SamplingFields(_Request):
@@ -60,7 +70,7 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -116,13 +126,14 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None  # vLLM's; refused with 400 (completions only), never silently dropped
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
+            raise FieldError("top_logprobs needs logprobs=true", "top_logprobs")
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message=true needs add_generation_prompt=false")
+            raise FieldError("continue_final_message=true needs add_generation_prompt=false", "continue_final_message")
         return self
 
 
@@ -148,13 +159,13 @@ class TokenizeRequest(_Request):
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise FieldError("give exactly one of prompt or messages")
         return self
 
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[TokenId]
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -174,10 +185,20 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`: one candidate for a prompt position."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token; None where the engine did not rank it
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    # vLLM's, with `prompt_logprobs`: per prompt token (the first None), {token id: PromptLogprob}
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
     finish_reason: Literal["stop", "length", "content_filter", "abort"] | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that matched
 

@@ -1,0 +1,242 @@
+"""Edge cases of request bodies: cross-field checks, lone surrogates, odd JSON, prompt_logprobs,
+huge prompts that must not stall the event loop, and small OpenAI-compatibility routes.
+
+Bodies are sent as raw bytes where the JSON itself is the point (a `\\ud800` escape, `NaN`,
+nesting 100000 levels deep), so the server parses exactly what a client could send.
+"""
+
+import math
+import threading
+import time
+
+import httpx
+import pytest
+from serve_helpers import API_KEY, LiveServer, reference_logprobs
+
+from lmstack.errors import TokenizerError
+from lmstack.serve import ServeConfig, create_app
+
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def _raw(http: httpx.Client, path: str, body: bytes) -> httpx.Response:
+    return http.post(path, content=body, headers={"Content-Type": "application/json"})
+
+
+# ---- 1. cross-field checks keep their own message -----------------------------------------------
+
+@pytest.mark.parametrize("path,body,message,param", [
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 3}, "top_logprobs needs logprobs=true",
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "continue_final_message": True},
+     "needs add_generation_prompt=false", "continue_final_message"),
+    ("/tokenize", {}, "give exactly one of prompt or messages", None),
+    ("/tokenize", {"prompt": "hi", "messages": CHAT}, "give exactly one of prompt or messages", None),
+])
+def test_cross_field_errors_keep_their_message(http, path, body, message, param):
+    err = _error(http.post(path, json=body), 400)
+    assert message in err["message"] and err["code"] == "invalid_value" and err["param"] == param, err
+    assert "JSON object" not in err["message"]
+
+
+def test_a_body_that_is_not_an_object_is_still_invalid_type(http):
+    for body in (b"[1, 2]", b'"hi"', b"3"):
+        err = _error(_raw(http, "/tokenize", body), 400)
+        assert err["code"] == "invalid_type" and "must be a JSON object" in err["message"]
+
+
+# ---- 2. lone surrogates -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,body,param,index", [
+    ("/v1/completions", b'{"prompt": "ab\\ud800c", "max_tokens": 1}', "prompt", 2),
+    ("/v1/completions", b'{"prompt": ["ok", "\\udfff"], "max_tokens": 1}', "prompt", 0),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x\\ud800"}]}', "messages", 1),
+    ("/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}', "messages", 0),
+    ("/v1/embeddings", b'{"input": "\\ud800"}', "input", 0),
+    ("/v1/embeddings", b'{"input": ["fine", "x\\udc00"]}', "input", 1),
+    ("/tokenize", b'{"prompt": "\\ud800"}', "prompt", 0),
+    ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages", 0),
+])
+def test_lone_surrogates_are_400_naming_the_field(http, path, body, param, index):
+    err = _error(_raw(http, path, body), 400)
+    assert err["code"] == "invalid_value" and err["param"] == param, err
+    assert "is not valid Unicode text (a lone surrogate \\u" in err["message"]
+    assert f"at index {index})" in err["message"]
+
+
+def test_a_tokenizer_error_is_400_naming_the_field(engine):
+    """Whatever the tokenizer refuses (lmstack's TokenizerError) is the client's 400, not a 500."""
+
+    class Refusing:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+        def encode(self, text, add_special_tokens=False):
+            if "REFUSE" in text:
+                raise TokenizerError("this text is not valid Unicode: lone surrogate (test)")
+            return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+    app = create_app(engine, tokenizer=Refusing(engine.tokenizer), config=ServeConfig(model_names=["tiny"]))
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        for path, body, param in [("/v1/completions", {"prompt": "REFUSE", "max_tokens": 1}, "prompt"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "REFUSE"}]},
+                                   "messages"),
+                                  ("/v1/embeddings", {"input": "REFUSE"}, "input"),
+                                  ("/tokenize", {"prompt": "REFUSE"}, "prompt")]:
+            err = _error(c.post(path, json=body), 400)
+            assert err["code"] == "invalid_value" and err["param"] == param and "not valid Unicode" in err["message"]
+        assert c.post("/v1/completions", json={"prompt": "fine", "max_tokens": 1}).status_code == 200
+
+
+# ---- 3. prompt_logprobs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_prompt_logprobs_match_a_forward_pass(http, hf_reference, echo):
+    model, tok = hf_reference
+    ids = tok.encode("The quick brown fox jumps over the lazy dog").ids
+    body = {"prompt": ids, "prompt_logprobs": 2, "max_tokens": 1, "temperature": 0, "echo": echo}
+    if echo:
+        body["logprobs"] = 2
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    plp = choice["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    ref = reference_logprobs(model, ids)
+    for i in range(1, len(ids)):
+        entry = plp[i]
+        mine = entry[str(ids[i])]
+        assert math.isclose(mine["logprob"], ref[i - 1, ids[i]].item(), abs_tol=1e-4), (i, mine)
+        assert mine["decoded_token"] == tok.decode([ids[i]])
+        top2 = ref[i - 1].topk(2)
+        for rank, (value, tid) in enumerate(zip(top2.values.tolist(), top2.indices.tolist()), start=1):
+            assert entry[str(tid)]["rank"] == rank
+            assert math.isclose(entry[str(tid)]["logprob"], value, abs_tol=1e-4)
+        assert set(entry) <= {str(ids[i])} | {str(t) for t in top2.indices.tolist()}
+        if ids[i] not in top2.indices.tolist():
+            assert mine["rank"] is None
+    plain = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 1}).json()["choices"][0]
+    assert plain["prompt_logprobs"] is None
+
+
+def test_prompt_logprobs_are_refused_where_they_cannot_be_given(http):
+    err = _error(http.post("/v1/chat/completions", json={"messages": CHAT, "prompt_logprobs": 1}), 400)
+    assert err["code"] == "unsupported_parameter" and err["param"] == "prompt_logprobs"
+    err = _error(http.post("/v1/completions", json={"prompt": "Hi", "prompt_logprobs": 1, "stream": True}), 400)
+    assert err["code"] == "unsupported_parameter" and err["param"] == "prompt_logprobs"
+
+
+# ---- 4. huge prompts do not block the event loop ------------------------------------------------
+
+def test_health_answers_while_a_multi_megabyte_prompt_is_tokenized(server, http):
+    big = "The quick brown fox, jumps! " * 110_000  # ~3 MB: seconds of tokenizing, no context limit on /tokenize
+    result = {}
+
+    def tokenize():
+        result["r"] = http.post("/tokenize", json={"prompt": big})
+
+    worker = threading.Thread(target=tokenize)
+    worker.start()
+    latencies = []
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            time.sleep(0.3)  # the body is in and being tokenized
+            while worker.is_alive() and len(latencies) < 200:
+                start = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.05)
+    finally:
+        worker.join(60)
+    assert result["r"].status_code == 200 and result["r"].json()["count"] > 100_000
+    assert len(latencies) >= 3, latencies  # tokenizing really did take a while
+    assert max(latencies) < 1.0, max(latencies)
+
+
+@pytest.mark.parametrize("path,key", [("/v1/completions", "prompt"), ("/v1/embeddings", "input")])
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(http, path, key):
+    big = "The quick brown fox, jumps! " * 250_000  # 7 MB
+    start = time.perf_counter()
+    err = _error(http.post(path, json={key: big}), 400)
+    assert err["code"] == "context_length_exceeded" and err["param"] == key
+    assert time.perf_counter() - start < 3.0  # tokenizing it would take seconds
+
+
+def test_the_character_bound_never_refuses_a_prompt_that_fits(server):
+    texts = server.state.texts
+    per_token = texts.max_chars_per_token()
+    assert per_token is not None
+    tok = server.state.tokenizer
+    for text in ("The quick brown fox jumps over the lazy dog. " * 3, "é€𝄞 ü" * 10, "<|im_start|>" * 5, " " * 500):
+        assert len(text) <= len(tok.encode(text)) * per_token
+
+
+# ---- 5. max_tokens 0 at the edge of the context -------------------------------------------------
+
+def test_scoring_a_prompt_of_max_model_len_minus_one_tokens(http, server):
+    limit = server.state.engine.max_model_len
+    ids = [(7 * i) % 300 for i in range(limit - 1)]
+    r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == limit - 1
+    # a full-context prompt cannot be scored: the engine needs one position past the prompt; say so
+    err = _error(http.post("/v1/completions", json={"prompt": ids + [5], "max_tokens": 0, "echo": True,
+                                                     "logprobs": 1}), 400)
+    assert err["code"] == "context_length_exceeded" and "max_tokens=0" in err["message"]
+
+
+# ---- 6. malformed bodies ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,reason", [
+    (b'{"prompt": "a\xff\xfeb"}', "not valid UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}", "too many digits"),
+])
+def test_malformed_json_is_invalid_json_with_a_reason(http, body, reason):
+    err = _error(_raw(http, "/v1/completions", body), 400)
+    assert err["code"] == "invalid_json" and reason in err["message"], err
+
+
+# ---- 7. small things ----------------------------------------------------------------------------
+
+def test_models_retrieve_and_head_health(server, client):
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert client.models.retrieve("tiny-alias").max_model_len == server.state.engine.max_model_len
+    r = httpx.get(server.url + "/v1/models/nope", headers={"Authorization": f"Bearer {API_KEY}"})
+    err = _error(r, 404)
+    assert err["code"] == "model_not_found" and err["type"] == "not_found_error"
+    assert httpx.get(server.url + "/v1/models/tiny").status_code == 401  # behind the key like /v1/models
+    assert httpx.head(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("body,param,needle", [
+    (b'{"prompt": [-1, 2]}', "prompt", "token id -1 is outside the vocabulary"),
+    (b'{"prompt": [[3, 4], [5, -7]]}', "prompt", "token id -7 is outside the vocabulary"),
+    (b'{"prompt": [true, false]}', "prompt", "prompt"),
+    (b'{"prompt": "Hi", "temperature": NaN}', "temperature", "finite number"),
+    (b'{"prompt": "Hi", "top_p": Infinity}', "top_p", "finite number"),
+    (b'{"prompt": "Hi", "logit_bias": {"' + b"1" * 5000 + b'": 1}}', "logit_bias", "logit_bias"),
+    (b'{"prompt": "Hi", "logit_bias": {"' + b"1" * 4000 + b'": 1}}', "logit_bias", "logit_bias"),
+    (b'{"prompt": "Hi", "model": "' + b"m" * 5000 + b'"}', "model", "does not exist"),
+])
+def test_odd_values_get_a_precise_short_message(http, body, param, needle):
+    err = _error(_raw(http, "/v1/completions", body), 400)
+    assert err["param"] == param and needle in err["message"], err
+    assert len(err["message"]) < 300, err["message"]
+    assert "less than or equal" not in err["message"]
+
+
+def test_detokenize_negative_ids(http):
+    err = _error(_raw(http, "/detokenize", b'{"tokens": [5, -1]}'), 400)
+    assert err["param"] == "tokens" and "token id -1 is outside the vocabulary" in err["message"]
