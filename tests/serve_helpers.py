@@ -123,3 +123,11 @@ def reference_greedy(model, ids, max_new_tokens):
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def api_error(r, status: int) -> dict:
+    """The OpenAI-shaped error body of a response that must have this status."""
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err

@@ -9,18 +9,11 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import API_KEY, LiveServer, wait_idle
+from serve_helpers import API_KEY, LiveServer, api_error, wait_idle
 
 from lmstack.serve import ServeConfig, ServeLimits, create_app
 
 CHAT = [{"role": "user", "content": "Hi"}]
-
-
-def _error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
 
 
 @pytest.mark.parametrize("path,body,param", [
@@ -56,7 +49,7 @@ def _error(r: httpx.Response, status: int) -> dict:
     ("/tokenize", {}, None),
 ])
 def test_invalid_fields_are_400(http, path, body, param):
-    err = _error(http.post(path, json=body), 400)
+    err = api_error(http.post(path, json=body), 400)
     assert err["type"] == "invalid_request_error"
     if param is not None:
         assert err["param"] == param, err
@@ -64,16 +57,16 @@ def test_invalid_fields_are_400(http, path, body, param):
 
 def test_malformed_bodies_are_400(http):
     for content in (b"{not json", b"[1, 2]", b"", b"\xff\xfe", b'"just a string"'):
-        err = _error(http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"}), 400)
+        err = api_error(http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"}), 400)
         assert err["code"] in ("invalid_json", "invalid_type", "missing_required_parameter")
-    _error(http.post("/v1/completions", content=b"prompt=Hi", headers={"Content-Type": "text/plain"}), 400)
-    assert _error(http.get("/v1/nothing"), 404)["type"] == "not_found_error"
-    _error(http.delete("/v1/models"), 405)
+    api_error(http.post("/v1/completions", content=b"prompt=Hi", headers={"Content-Type": "text/plain"}), 400)
+    assert api_error(http.get("/v1/nothing"), 404)["type"] == "not_found_error"
+    api_error(http.delete("/v1/models"), 405)
 
 
 def test_oversized_body_is_413(http):
     big = b'{"prompt": "' + b"a" * (9 * 1024 * 1024) + b'"}'
-    assert _error(http.post("/v1/completions", content=big), 413)["code"] == "request_too_large"
+    assert api_error(http.post("/v1/completions", content=big), 413)["code"] == "request_too_large"
 
     def chunks():  # no Content-Length: the limit holds while the body streams in
         for _ in range(10):
@@ -86,9 +79,9 @@ def test_full_queue_is_429_with_retry_after(server, http):
     held = admission.acquire(admission.limits.max_waiting)  # as if the queue were full
     try:
         r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-        assert _error(r, 429)["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
+        assert api_error(r, 429)["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
         r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "stream": True})
-        assert _error(r, 429)["type"] == "rate_limit_error"
+        assert api_error(r, 429)["type"] == "rate_limit_error"
     finally:
         held.close()
     assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
@@ -96,14 +89,14 @@ def test_full_queue_is_429_with_retry_after(server, http):
 
 def test_503_while_loading_and_while_draining(server, http):
     with LiveServer(create_app(config=ServeConfig(model_names=["tiny"]))) as loading:
-        assert _error(httpx.get(loading.url + "/health"), 503)["message"].startswith("the model is still loading")
+        assert api_error(httpx.get(loading.url + "/health"), 503)["message"].startswith("the model is still loading")
         r = httpx.post(loading.url + "/v1/completions", json={"prompt": "Hi"})
-        assert _error(r, 503)["code"] == "engine_unavailable" and "Retry-After" in r.headers
+        assert api_error(r, 503)["code"] == "engine_unavailable" and "Retry-After" in r.headers
         assert "lmstack:engine_loading" in httpx.get(loading.url + "/metrics").text
     server.state.admission.draining = True
     try:
-        assert _error(httpx.get(server.url + "/health"), 503)["type"] == "service_unavailable_error"
-        _error(http.post("/v1/completions", json={"prompt": "Hi"}), 503)
+        assert api_error(httpx.get(server.url + "/health"), 503)["type"] == "service_unavailable_error"
+        api_error(http.post("/v1/completions", json={"prompt": "Hi"}), 503)
     finally:
         server.state.admission.draining = False
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
@@ -137,7 +130,7 @@ def test_request_timeout_is_504_and_aborts(engine):
     config = ServeConfig(model_names=["tiny"], limits=ServeLimits(request_timeout=0.2))
     with LiveServer(create_app(engine, config=config)) as live:
         body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "n": 16}
-        err = _error(httpx.post(live.url + "/v1/completions", json=body, timeout=30), 504)
+        err = api_error(httpx.post(live.url + "/v1/completions", json=body, timeout=30), 504)
         assert err["code"] == "request_timeout" and "--request-timeout" in err["message"]
         with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
             assert r.status_code == 200
@@ -201,7 +194,7 @@ def test_request_too_big_for_the_kv_pool_is_400_before_streaming(tiny_dir):
         with LiveServer(create_app(small, config=ServeConfig(model_names=["tiny"]))) as live:
             for stream in (False, True):
                 r = httpx.post(live.url + "/v1/chat/completions", json={"messages": CHAT, "stream": stream})
-                err = _error(r, 400)
+                err = api_error(r, 400)
                 assert "KV blocks" in err["message"] and err["code"] == "context_length_exceeded"
             ok = httpx.post(live.url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8})
             assert ok.status_code == 200

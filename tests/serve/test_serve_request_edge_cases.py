@@ -11,19 +11,12 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import API_KEY, LiveServer, reference_logprobs
+from serve_helpers import API_KEY, LiveServer, api_error, reference_logprobs
 
 from lmstack.errors import TokenizerError
 from lmstack.serve import ServeConfig, create_app
 
 CHAT = [{"role": "user", "content": "Hi"}]
-
-
-def _error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
 
 
 def _raw(http: httpx.Client, path: str, body: bytes) -> httpx.Response:
@@ -41,14 +34,14 @@ def _raw(http: httpx.Client, path: str, body: bytes) -> httpx.Response:
     ("/tokenize", {"prompt": "hi", "messages": CHAT}, "give exactly one of prompt or messages", None),
 ])
 def test_cross_field_errors_keep_their_message(http, path, body, message, param):
-    err = _error(http.post(path, json=body), 400)
+    err = api_error(http.post(path, json=body), 400)
     assert message in err["message"] and err["code"] == "invalid_value" and err["param"] == param, err
     assert "JSON object" not in err["message"]
 
 
 def test_a_body_that_is_not_an_object_is_still_invalid_type(http):
     for body in (b"[1, 2]", b'"hi"', b"3"):
-        err = _error(_raw(http, "/tokenize", body), 400)
+        err = api_error(_raw(http, "/tokenize", body), 400)
         assert err["code"] == "invalid_type" and "must be a JSON object" in err["message"]
 
 
@@ -66,7 +59,7 @@ def test_a_body_that_is_not_an_object_is_still_invalid_type(http):
     ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages", 0),
 ])
 def test_lone_surrogates_are_400_naming_the_field(http, path, body, param, index):
-    err = _error(_raw(http, path, body), 400)
+    err = api_error(_raw(http, path, body), 400)
     assert err["code"] == "invalid_value" and err["param"] == param, err
     assert "is not valid Unicode text (a lone surrogate \\u" in err["message"]
     assert f"at index {index})" in err["message"]
@@ -94,7 +87,7 @@ def test_a_tokenizer_error_is_400_naming_the_field(engine):
                                    "messages"),
                                   ("/v1/embeddings", {"input": "REFUSE"}, "input"),
                                   ("/tokenize", {"prompt": "REFUSE"}, "prompt")]:
-            err = _error(c.post(path, json=body), 400)
+            err = api_error(c.post(path, json=body), 400)
             assert err["code"] == "invalid_value" and err["param"] == param and "not valid Unicode" in err["message"]
         assert c.post("/v1/completions", json={"prompt": "fine", "max_tokens": 1}).status_code == 200
 
@@ -131,9 +124,9 @@ def test_prompt_logprobs_match_a_forward_pass(http, hf_reference, echo):
 
 
 def test_prompt_logprobs_are_refused_where_they_cannot_be_given(http):
-    err = _error(http.post("/v1/chat/completions", json={"messages": CHAT, "prompt_logprobs": 1}), 400)
+    err = api_error(http.post("/v1/chat/completions", json={"messages": CHAT, "prompt_logprobs": 1}), 400)
     assert err["code"] == "unsupported_parameter" and err["param"] == "prompt_logprobs"
-    err = _error(http.post("/v1/completions", json={"prompt": "Hi", "prompt_logprobs": 1, "stream": True}), 400)
+    err = api_error(http.post("/v1/completions", json={"prompt": "Hi", "prompt_logprobs": 1, "stream": True}), 400)
     assert err["code"] == "unsupported_parameter" and err["param"] == "prompt_logprobs"
 
 
@@ -168,7 +161,7 @@ def test_health_answers_while_a_multi_megabyte_prompt_is_tokenized(server, http)
 def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(http, path, key):
     big = "The quick brown fox, jumps! " * 250_000  # 7 MB
     start = time.perf_counter()
-    err = _error(http.post(path, json={key: big}), 400)
+    err = api_error(http.post(path, json={key: big}), 400)
     assert err["code"] == "context_length_exceeded" and err["param"] == key
     assert time.perf_counter() - start < 3.0  # tokenizing it would take seconds
 
@@ -191,7 +184,7 @@ def test_scoring_a_prompt_of_max_model_len_minus_one_tokens(http, server):
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == limit - 1
     # a full-context prompt cannot be scored: the engine needs one position past the prompt; say so
-    err = _error(http.post("/v1/completions", json={"prompt": ids + [5], "max_tokens": 0, "echo": True,
+    err = api_error(http.post("/v1/completions", json={"prompt": ids + [5], "max_tokens": 0, "echo": True,
                                                      "logprobs": 1}), 400)
     assert err["code"] == "context_length_exceeded" and "max_tokens=0" in err["message"]
 
@@ -204,7 +197,7 @@ def test_scoring_a_prompt_of_max_model_len_minus_one_tokens(http, server):
     (b'{"prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}", "too many digits"),
 ])
 def test_malformed_json_is_invalid_json_with_a_reason(http, body, reason):
-    err = _error(_raw(http, "/v1/completions", body), 400)
+    err = api_error(_raw(http, "/v1/completions", body), 400)
     assert err["code"] == "invalid_json" and reason in err["message"], err
 
 
@@ -214,7 +207,7 @@ def test_models_retrieve_and_head_health(server, client):
     assert client.models.retrieve("tiny").id == "tiny"
     assert client.models.retrieve("tiny-alias").max_model_len == server.state.engine.max_model_len
     r = httpx.get(server.url + "/v1/models/nope", headers={"Authorization": f"Bearer {API_KEY}"})
-    err = _error(r, 404)
+    err = api_error(r, 404)
     assert err["code"] == "model_not_found" and err["type"] == "not_found_error"
     assert httpx.get(server.url + "/v1/models/tiny").status_code == 401  # behind the key like /v1/models
     assert httpx.head(server.url + "/health").status_code == 200
@@ -231,12 +224,12 @@ def test_models_retrieve_and_head_health(server, client):
     (b'{"prompt": "Hi", "model": "' + b"m" * 5000 + b'"}', "model", "does not exist"),
 ])
 def test_odd_values_get_a_precise_short_message(http, body, param, needle):
-    err = _error(_raw(http, "/v1/completions", body), 400)
+    err = api_error(_raw(http, "/v1/completions", body), 400)
     assert err["param"] == param and needle in err["message"], err
     assert len(err["message"]) < 300, err["message"]
     assert "less than or equal" not in err["message"]
 
 
 def test_detokenize_negative_ids(http):
-    err = _error(_raw(http, "/detokenize", b'{"tokens": [5, -1]}'), 400)
+    err = api_error(_raw(http, "/detokenize", b'{"tokens": [5, -1]}'), 400)
     assert err["param"] == "tokens" and "token id -1 is outside the vocabulary" in err["message"]
