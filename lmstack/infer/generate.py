@@ -8,7 +8,7 @@ the same tokens and text; beam search lives in `beam.py`. The model runs through
 
 from __future__ import annotations
 
-import numbers
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,12 +43,11 @@ class Plan:
 
 
 def as_token_lists(prompts: Prompts, tokenizer=None) -> tuple[list[list[int]], list[str | None]]:
-    """Normalise a str / ids / list of either / (B, T) tensor into lists of ids (and their texts)."""
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
-            raise ConfigError(f"a tensor prompt must hold integer token ids, shaped (T,) or (B, T); got a "
-                              f"{prompts.dtype} tensor of shape {tuple(prompts.shape)}")
-        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    """Normalise a str / ids / list of either / (B, T) tensor or array into lists of ids (and their texts).
+
+    Ids may be ints, numpy integers or integer tensors; a prompt may be any sequence of them."""
+    if _is_array(prompts):
+        prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()]
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
@@ -64,16 +63,46 @@ def as_token_lists(prompts: Prompts, tokenizer=None) -> tuple[list[list[int]], l
                 raise ConfigError("text prompts need a tokenizer: pass tokenizer=... or token ids")
             ids.append(tokenizer.encode(p, add_special_tokens=True))
             texts.append(p)
-        elif isinstance(p, (list, tuple)) and all(_is_id(t) for t in p):
-            ids.append([int(t) for t in p])
-            texts.append(None)
-        else:
-            raise ConfigError(f"prompt {i} is {p!r:.60}; each prompt is a string or a list of integer token ids")
+            continue
+        row = _ids_of(p)
+        if row is None:
+            raise ConfigError(f"prompt {i} is {p!r:.60}; each prompt is a string or a sequence of integer token ids")
+        ids.append(row)
+        texts.append(None)
     return ids, texts
 
 
+def _ids_of(prompt) -> list[int] | None:
+    """One prompt's ids, or None when it is not a sequence of integer token ids."""
+    if _is_array(prompt):
+        return prompt.tolist() if prompt.ndim == 1 else None
+    try:
+        items = list(prompt)
+    except TypeError:
+        return None
+    return [operator.index(t) for t in items] if all(_is_id(t) for t in items) else None
+
+
 def _is_id(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # ints and numpy ints
+    """An int, a numpy integer or an integer scalar tensor (not a bool, not a string)."""
+    if isinstance(value, (bool, str)):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_array(value) -> bool:
+    """A tensor or numpy array of integers, shaped (T,) or (B, T); any other array is a ConfigError."""
+    if not (hasattr(value, "ndim") and hasattr(value, "tolist") and hasattr(value, "dtype")):
+        return False
+    dtype = str(value.dtype).replace("torch.", "")
+    if value.ndim not in (1, 2) or not dtype.startswith(("int", "uint")):
+        raise ConfigError(f"an array prompt must hold integer token ids, shaped (T,) or (B, T); got a {dtype} "
+                          f"array of shape {tuple(value.shape)}")
+    return True
 
 
 def eos_ids_for(model, tokenizer, config: GenerationConfig) -> list[int]:

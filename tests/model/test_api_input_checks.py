@@ -48,12 +48,19 @@ def test_prompts_and_configs_of_the_wrong_kind(model):
         generate(model, [[1, 2]], {"max_tokens": 2})
     with pytest.raises(ConfigError, match="prompts must be a string, a list of token ids, or a list of either"):
         generate(model, None)
-    with pytest.raises(ConfigError, match=r"prompt 1 is 5; each prompt is a string or a list of integer token ids"):
+    with pytest.raises(ConfigError, match=r"prompt 1 is 5; each prompt is a string or a sequence of integer token ids"):
         generate(model, [[1, 2], 5])
-    with pytest.raises(ConfigError, match=r"a tensor prompt must hold integer token ids, shaped \(T,\) or \(B, T\)"):
+    with pytest.raises(ConfigError, match=r"an array prompt must hold integer token ids, shaped \(T,\) or \(B, T\)"):
         generate(model, torch.ones(1, 2, 3, dtype=torch.long))
-    out = generate(model, [np.int64(3), np.int64(4)], GenerationConfig(max_new_tokens=1))  # numpy ids are ids
-    assert len(out[0].outputs[0].token_ids) == 1
+    ids = [3, 4, 5]
+    want = generate(model, [ids], GenerationConfig(max_new_tokens=2))[0].outputs[0].token_ids
+    for same in ([np.int64(3), np.int64(4), np.int64(5)], [np.array(ids)], np.array([ids]), [torch.tensor(ids)],
+                 torch.tensor(ids), list(torch.tensor(ids)), [range(3, 6)], (tuple(ids),)):
+        assert generate(model, same, GenerationConfig(max_new_tokens=2))[0].outputs[0].token_ids == want, same
+    with pytest.raises(ConfigError, match=r"prompt 0 is \[True, False\]"):
+        generate(model, [[True, False]])
+    with pytest.raises(ConfigError, match=r"an array prompt must hold integer token ids.* float32"):
+        generate(model, np.ones((1, 2), dtype=np.float32))
 
 
 def test_forward_names_bad_shapes(model):
@@ -87,5 +94,5 @@ def test_engine_generate_wants_sampling_params(model):
     llm = lmstack.LLM(copy.deepcopy(model), block_size=4, num_blocks=16)
     with pytest.raises(ConfigError, match="sampling_params must be SamplingParams .* got dict"):
         llm.generate([[1, 2]], {"max_tokens": 1})
-    with pytest.raises(ConfigError, match=r"prompt 1 is 5; each prompt is a string or a list of integer token ids"):
+    with pytest.raises(ConfigError, match=r"prompt 1 is 5; each prompt is a string or a sequence of integer token ids"):
         llm.generate([[1, 2], 5], SamplingParams(max_tokens=1))
