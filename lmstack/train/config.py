@@ -114,7 +114,24 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
+        self._read_numbers()
         self.validate()
+
+    def _read_numbers(self) -> None:
+        """Float options given as text become floats: YAML reads `lr: 1e-3` (no dot) as the string
+        '1e-3'. Anything that is not a number is a ConfigError naming the option."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type not in ("float", "float | None") or value is None:
+                continue
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(f"{f.name} must be a number, got {value!r}") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{f.name} must be a number, got {value!r}")
+            setattr(self, f.name, float(value))
 
     # ---- checks -------------------------------------------------------------------------
     def validate(self) -> None:

@@ -106,3 +106,14 @@ def test_resuming_past_max_steps_is_refused(tmp_path, two_tokenizers, capsys):
     assert run(tmp_path, "--data", str(data_a), "--resume", "true", max_steps=1) == 2
     assert "is at step 2, beyond --max_steps 1; raise --max_steps above 2" in capsys.readouterr().err
     assert run(tmp_path, "--data", str(data_a), "--resume", "true", max_steps=3) == 0
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    from lmstack.train import TrainConfig
+
+    (tmp_path / "run.yaml").write_text("lr: 3e-4\nmin_lr: 1e-5\nweight_decay: 0\n")  # YAML reads 3e-4 as text
+    config = TrainConfig.from_yaml(tmp_path / "run.yaml")
+    assert (config.lr, config.min_lr, config.weight_decay) == (3e-4, 1e-5, 0.0)
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="lr must be a number, got 'fast'"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
