@@ -80,6 +80,9 @@ class LLM:
             raise ConfigError(f"sampling_params must be SamplingParams (one, or one per prompt), got "
                               f"{type(bad).__name__}; e.g. SamplingParams(**your_dict)")
         priorities = _per_prompt(priority, len(ids), "priority") if priority is not None else [0] * len(ids)
+        for i, prio in enumerate(priorities):
+            if isinstance(prio, bool) or not isinstance(prio, int):
+                raise ConfigError(f"priority of prompt {i} is {prio!r}; priorities are integers (lower runs first)")
         requests = []
         for i, (p, text, sp, prio) in enumerate(zip(ids, texts, params, priorities)):
             try:

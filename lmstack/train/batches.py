@@ -96,7 +96,7 @@ def open_pretraining_data(data_dir: str | None, seq_len: int, rank: int, world_s
 
 
 def open_sft_data(path: str | None, val_path: str | None, tokenizer, seq_len: int, pack: bool, rank: int,
-                  world_size: int, seed: int):
+                  world_size: int, seed: int, skip_bad: bool = False):
     """(train, val or None) chat datasets from JSONL files, loss on assistant tokens only."""
     if path is None:
         raise DataError("no training data: pass --data FILE.jsonl (one conversation per line)")
@@ -110,8 +110,10 @@ def open_sft_data(path: str | None, val_path: str | None, tokenizer, seq_len: in
         raise DataError("fine-tuning needs a tokenizer: the model directory has no tokenizer.json; pass --tokenizer DIR")
     from lmstack.data import SFTDataset
 
-    train = SFTDataset(path, tokenizer, seq_len, pack=pack, rank=rank, world_size=world_size, seed=seed)
+    train = SFTDataset(path, tokenizer, seq_len, pack=pack, rank=rank, world_size=world_size, seed=seed,
+                       skip_bad=skip_bad)
     val = None
     if val_path is not None:
-        val = SFTDataset(val_path, tokenizer, seq_len, pack=pack, rank=rank, world_size=world_size, seed=seed)
+        val = SFTDataset(val_path, tokenizer, seq_len, pack=pack, rank=rank, world_size=world_size, seed=seed,
+                         skip_bad=skip_bad)
     return train, val

@@ -8,6 +8,8 @@ checkpoint. `validate()` checks ranges before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +65,7 @@ class TrainConfig:
         max_nonfinite_steps: Stop after this many non-finite losses in a row (each one skips its step).
         log_every: Write metrics.jsonl and refresh the progress bar every this many steps.
         pack: Fine-tuning: pack several conversations into each sequence.
+        skip_bad: Fine-tuning: skip malformed conversations (counted in the log) instead of stopping.
         progress: Show a progress bar.
         tensorboard: Also log to out_dir/tensorboard when tensorboard is installed.
     """
@@ -110,28 +113,40 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     log_every: int = 10
     pack: bool = True
+    skip_bad: bool = False
     progress: bool = True
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        self._read_numbers()
+        self._check_types()
         self.validate()
 
-    def _read_numbers(self) -> None:
-        """Float options given as text become floats: YAML reads `lr: 1e-3` (no dot) as the string
-        '1e-3'. Anything that is not a number is a ConfigError naming the option."""
+    def _check_types(self) -> None:
+        """Each option has its declared type, or a ConfigError names it. (The CLI converts its flags;
+        Python and YAML callers pass values as they are.) Float options given as text become floats:
+        YAML reads `lr: 1e-3` (no dot) as the string '1e-3'; a quoted 'false' is not a boolean."""
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type not in ("float", "float | None") or value is None:
+            value, kind = getattr(self, f.name), f.type.split(" | ")[0]
+            if value is None and f.type.endswith("| None"):
                 continue
-            if isinstance(value, str):
+            if kind == "str" and isinstance(value, os.PathLike):
+                value = os.fspath(value)  # paths given as Path objects are stored as text (saved in YAML)
+                setattr(self, f.name, value)
+            if kind == "float" and isinstance(value, str):
                 try:
                     value = float(value)
                 except ValueError:
                     raise ConfigError(f"{f.name} must be a number, got {value!r}") from None
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{f.name} must be a number, got {value!r}")
-            setattr(self, f.name, float(value))
+            ok = {"float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                  "int": isinstance(value, int) and not isinstance(value, bool),
+                  "bool": isinstance(value, bool),
+                  "str": isinstance(value, str)}.get(kind, True)
+            if not ok:
+                what = {"float": "a finite number", "int": "an integer", "bool": "true or false",
+                        "str": "a string"}[kind]
+                raise ConfigError(f"{f.name} must be {what}, got {value!r}")
+            if kind == "float":
+                setattr(self, f.name, float(value))
 
     # ---- checks -------------------------------------------------------------------------
     def validate(self) -> None:

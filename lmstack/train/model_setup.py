@@ -45,6 +45,23 @@ def load_tokenizer(config: TrainConfig, train_data=None):
     return None
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """out_dir (and its checkpoints/) can be created and written, or a ConfigError says why; nothing
+    is created here, so a run refused for another reason leaves no directory behind."""
+    import os
+
+    for path in (out_dir, out_dir / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out_dir {out_dir}: {path} is a file; give a directory for the run")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out_dir {out_dir} is inside {existing}, which is a file; give a directory for the run")
+    writable = [p for p in (existing, existing / "checkpoints") if p.is_dir()]
+    if not all(os.access(p, os.W_OK | os.X_OK) for p in writable):
+        raise ConfigError(f"--out_dir {out_dir} cannot be written ({existing} is read-only for this user); "
+                          "choose a writable directory")
+
+
 def check_tokenizers(config: TrainConfig, tokenizer, train_data, val_data) -> None:
     """The tokenizer, the data, the validation data and a model directory's own tokenizer must be
     one tokenizer: ids from another would silently mean other text (and the exported model would

@@ -122,10 +122,13 @@ def run_quickstart(out_dir: str = "runs/quickstart", device: str = "auto", minut
     """
     from lmstack.data import PrepareConfig, prepare
     from lmstack.data.sources import stdlib_files
+    from lmstack.errors import ConfigError
     from lmstack.tokenizer import Tokenizer
     from lmstack.train import TrainConfig, Trainer
     from lmstack.train.distributed import resolve_device
 
+    if minutes is not None and not (isinstance(minutes, (int, float)) and 0 < minutes < float("inf")):
+        raise ConfigError(f"--minutes {minutes} must be a positive number of minutes (or unset for the default)")
     started = time.perf_counter()
     dev = resolve_device(device)
     plan = plan or plan_for(dev, minutes)

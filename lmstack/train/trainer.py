@@ -35,6 +35,7 @@ from lmstack.train.config import TrainConfig
 from lmstack.train.logging import RunLogger, peak_flops, plot_losses, read_metrics, write_report
 from lmstack.train.model_setup import (
     build_model,
+    check_out_dir,
     check_tokenizers,
     load_tokenizer,
     model_config_for,
@@ -58,6 +59,7 @@ class Trainer:
         config.validate()
         self.config = c = config
         self.out_dir = Path(c.out_dir)
+        check_out_dir(self.out_dir)  # before any work: a run that cannot save would be lost
         self.dist = D.setup(c.device)
         self.device = self.dist.device
         self.precision = resolve_precision(c.precision, self.device)
@@ -70,7 +72,7 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c, train_data)
         if train_data is None:
             train_data, val_data = open_sft_data(c.data, c.val_data, self.tokenizer, c.seq_len, c.pack,
-                                                 rank, world, c.seed)
+                                                 rank, world, c.seed, c.skip_bad)
         self.train_data, self.val_data = train_data, val_data
         check_tokenizers(c, self.tokenizer, train_data, val_data)
         self.model_config = model_config_for(c, model, getattr(train_data, "vocab_size", None), self.tokenizer)
@@ -165,6 +167,9 @@ class Trainer:
         if self.resume_from is not None:
             self.log.message(f"resuming from {self.resume_from} (step {self.step})")
         stats = getattr(self.train_data, "stats", None)  # SFT data reports what it kept and cut
+        if stats is not None and getattr(stats, "skipped_bad", 0):
+            self.log.message(f"note: skipped {stats.skipped_bad} malformed conversations (--skip_bad); first: "
+                             f"{stats.bad_examples[0] if stats.bad_examples else '?'}")
         if stats is not None and getattr(stats, "truncated", 0):
             self.log.message(f"note: {stats.truncated} of {stats.examples} conversations were longer than "
                              f"seq_len={c.seq_len} and were truncated ({stats.without_trained_tokens} lost every "

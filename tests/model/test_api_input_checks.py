@@ -96,3 +96,5 @@ def test_engine_generate_wants_sampling_params(model):
         llm.generate([[1, 2]], {"max_tokens": 1})
     with pytest.raises(ConfigError, match=r"prompt 1 is 5; each prompt is a string or a sequence of integer token ids"):
         llm.generate([[1, 2], 5], SamplingParams(max_tokens=1))
+    with pytest.raises(ConfigError, match=r"priority of prompt 1 is 0.5; priorities are integers"):
+        llm.generate([[1, 2], [3]], SamplingParams(max_tokens=1), priority=[0, 0.5])

@@ -117,3 +117,50 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     (tmp_path / "bad.yaml").write_text("lr: fast\n")
     with pytest.raises(ConfigError, match="lr must be a number, got 'fast'"):
         TrainConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_an_out_dir_that_cannot_hold_the_run_is_refused_before_any_work(tmp_path, two_tokenizers, capsys):
+    import os
+
+    data_a = two_tokenizers["a"][1]
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "afile", "is a file; give a directory"),
+                         (tmp_path / "afile" / "run", "which is a file; give a directory")):
+        code = main(["pretrain", "--data", str(data_a), "--out_dir", str(out), "--max_steps", "1", "--progress", "false"])
+        assert code == 2 and message in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoints").parent.mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    assert run(tmp_path, "--data", str(data_a)) == 2
+    assert "checkpoints is a file" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code = main(["pretrain", "--data", str(data_a), "--out_dir", str(locked / "run"), "--max_steps", "1"])
+        assert code == 2 and "cannot be written" in capsys.readouterr().err
+
+
+def test_options_of_the_wrong_type_are_named(tmp_path):
+    from lmstack.train import TrainConfig
+
+    for change, message in ((dict(resume="false"), "resume must be true or false, got 'false'"),
+                            (dict(seed="1"), "seed must be an integer, got '1'"),
+                            (dict(decay_steps=2.5), "decay_steps must be an integer, got 2.5"),
+                            (dict(lr=float("nan")), "lr must be a finite number, got nan"),
+                            (dict(model=["tiny-llama"]), r"model must be a string, got \['tiny-llama'\]")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(out_dir=str(tmp_path), **change)
+    assert TrainConfig(out_dir=tmp_path).out_dir == str(tmp_path)  # a Path is fine
+
+
+def test_finetune_skip_bad_skips_and_counts_malformed_conversations(tmp_path, two_tokenizers, capsys):
+    assert run(tmp_path, "--data", str(two_tokenizers["a"][1])) == 0
+    good = {"messages": [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "return x"}]}
+    bad = {"messages": [{"role": "user", "content": 5}]}
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, bad, good, good)))
+    args = ["finetune", "--model", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "chats.jsonl"),
+            "--out_dir", str(tmp_path / "ft"), "--seq_len", "32", "--batch_size", "2", "--max_steps", "1",
+            "--progress", "false"]
+    assert main(args) == 2
+    assert "chats.jsonl:2" in capsys.readouterr().err
+    assert main([*args, "--skip_bad", "true"]) == 0
+    assert "skipped 1 malformed conversations (--skip_bad)" in capsys.readouterr().err
