@@ -164,3 +164,12 @@ def test_finetune_skip_bad_skips_and_counts_malformed_conversations(tmp_path, tw
     assert "chats.jsonl:2" in capsys.readouterr().err
     assert main([*args, "--skip_bad", "true"]) == 0
     assert "skipped 1 malformed conversations (--skip_bad)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("minutes", [0, -1, float("inf")])
+def test_quickstart_refuses_a_time_budget_that_is_not_positive(tmp_path, minutes):
+    from lmstack.train.quickstart import run_quickstart
+
+    with pytest.raises(ConfigError, match=f"--minutes {minutes} must be a positive number of minutes"):
+        run_quickstart(out_dir=str(tmp_path / "qs"), device="cpu", minutes=minutes)
+    assert not (tmp_path / "qs").exists()
