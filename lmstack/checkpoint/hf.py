@@ -158,7 +158,8 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
     if problems:
         raise CheckpointError(f"cannot save to {directory}: a {FAMILY_TO_ARCH[config.family]} checkpoint cannot hold "
                               f"this {config.family} model's {'; '.join(problems)}")
-    unsaved = sorted(set(dict(model.named_parameters())) - {r.ours for r in weight_rules(config)})
+    rules = weight_rules(config)
+    unsaved = sorted(set(dict(model.named_parameters())) - {r.ours for r in rules})
     if unsaved:  # a parameter the layout has no place for would be silently lost
         raise CheckpointError(f"cannot save to {directory}: parameter {unsaved[0]!r} has no place in a "
                               f"{FAMILY_TO_ARCH[config.family]} checkpoint")
@@ -166,7 +167,7 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
     dtype = resolve_dtype(dtype) or model.dtype
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors: dict[str, torch.Tensor] = {}
-    for rule in weight_rules(config):
+    for rule in rules:
         value = params[rule.ours].detach()
         if rule.ours in ("embed.weight", "lm_head.weight"):
             value = value[: config.vocab_size]

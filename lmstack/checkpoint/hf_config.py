@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmstack.checkpoint.weight_map import bias_stored_as_zeros
 from lmstack.config import ModelConfig, check_rope_scaling, is_int, is_number
 from lmstack.errors import CheckpointError, ConfigError
 
@@ -295,7 +296,7 @@ def hf_layout_problems(cfg: ModelConfig) -> list[str]:
     pairs.append(("layer_types / sliding_window", _attention_layout(cfg), _attention_layout(back)))
     problems = []
     for name, ours, theirs in pairs:
-        if ours == theirs or (cfg.family == "gpt2" and name.endswith("_bias") and ours is False):
+        if ours == theirs or bias_stored_as_zeros(cfg, name):
             continue
         problems.append(f"{name}={ours!r} (a {arch} config.json loads it as {theirs!r})")
     return problems

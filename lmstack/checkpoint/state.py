@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lmstack.checkpoint.weight_map import bias_stored_as_zeros
 from lmstack.config import ModelConfig
 from lmstack.errors import CheckpointError
 
@@ -126,13 +127,9 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 
 def check_same_shape(saved: ModelConfig, wanted: ModelConfig, checkpoint: str | Path) -> None:
     """Refuse to resume a checkpoint whose model has another shape than the configured one."""
-    def differs(name: str) -> bool:
-        if wanted.family == "gpt2" and name.endswith("_bias") and getattr(wanted, name) is False:
-            return False  # GPT-2's layout stores absent biases as zeros; loading checks they are zero
-        return getattr(saved, name) != getattr(wanted, name)
-
     diffs = [f"{name}={getattr(saved, name)!r} in the checkpoint but {getattr(wanted, name)!r} configured"
-             for name in SHAPE_FIELDS if differs(name)]
+             for name in SHAPE_FIELDS  # a bias stored as zeros is absent in both (loading checks the zeros)
+             if getattr(saved, name) != getattr(wanted, name) and not bias_stored_as_zeros(wanted, name)]
     if diffs:
         raise CheckpointError(
             f"checkpoint {checkpoint} is from another model shape: {'; '.join(diffs)}. Resume with the same "

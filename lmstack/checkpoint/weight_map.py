@@ -63,6 +63,12 @@ def _gpt2_linears(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
             ("mlp.up", "mlp.c_fc", cfg.mlp_bias), ("mlp.down", "mlp.c_proj", cfg.mlp_bias)]
 
 
+def bias_stored_as_zeros(cfg: ModelConfig, field: str) -> bool:
+    """Whether the bias switch `field` is off in a family whose layout stores that bias anyway
+    (as zeros, see implied_zeros): then config.json says it is on, and both mean the same model."""
+    return cfg.family == "gpt2" and field in ("attn_qkv_bias", "attn_out_bias", "mlp_bias") and not getattr(cfg, field)
+
+
 def implied_zeros(cfg: ModelConfig) -> dict[str, str]:
     """HF tensors the layout always holds but this model has no parameter for -> our weight they belong to.
 

@@ -9,20 +9,15 @@ from __future__ import annotations
 import sys
 
 
-def _device(device: str):
-    from lmstack.train.distributed import resolve_device
-
-    return resolve_device(device)
-
-
 def _load(model: str, device: str, dtype: str, need_tokenizer: bool = True):
     import torch
 
     import lmstack
     from lmstack.checkpoint.hf import resolve_dtype
     from lmstack.errors import ConfigError
+    from lmstack.train.distributed import resolve_device
 
-    dev = _device(device)
+    dev = resolve_device(device)
     resolved = resolve_dtype(dtype)
     if resolved is None and dev.type == "cuda":
         resolved = torch.bfloat16

@@ -167,17 +167,11 @@ def _check_model_files(model: str, max_model_len: int | None) -> None:
     from pathlib import Path
 
     from lmstack.checkpoint.hf_config import read_config
-    from lmstack.errors import CheckpointError, ConfigError, LmstackError
+    from lmstack.errors import ConfigError
     from lmstack.infer.quantize import is_quantized_dir
 
     path = Path(model)
-    try:
-        config = read_config(path)
-    except LmstackError:
-        raise
-    except Exception as err:  # a field of the wrong type, e.g. "rope_theta": "abc"
-        raise CheckpointError(f"{path / 'config.json'} has an invalid value ({type(err).__name__}: {err}); "
-                              "fix the field or re-save the model") from None
+    config = read_config(path)  # CheckpointError naming config.json and the field
     if not is_quantized_dir(path):  # `lmstack quantize` output has its own weight format
         from lmstack.checkpoint.files import WeightFiles
 

@@ -75,12 +75,11 @@ class LLM:
         if not ids:
             raise ConfigError("no prompts given")
         params = _per_prompt(sampling_params, len(ids), "sampling_params")
-        if not all(sp is None or isinstance(sp, SamplingParams) for sp in params):
-            bad = next(sp for sp in params if not (sp is None or isinstance(sp, SamplingParams)))
-            raise ConfigError(f"sampling_params must be SamplingParams (one, or one per prompt), got "
-                              f"{type(bad).__name__}; e.g. SamplingParams(**your_dict)")
         priorities = _per_prompt(priority, len(ids), "priority") if priority is not None else [0] * len(ids)
-        for i, prio in enumerate(priorities):
+        for i, (sp, prio) in enumerate(zip(params, priorities)):
+            if sp is not None and not isinstance(sp, SamplingParams):
+                raise ConfigError(f"sampling_params must be SamplingParams (one, or one per prompt), got "
+                                  f"{type(sp).__name__}; e.g. SamplingParams(**your_dict)")
             if isinstance(prio, bool) or not isinstance(prio, int):
                 raise ConfigError(f"priority of prompt {i} is {prio!r}; priorities are integers (lower runs first)")
         requests = []

@@ -77,18 +77,21 @@ def _ids_of(prompt) -> list[int] | None:
     if _is_array(prompt):
         return prompt.tolist() if prompt.ndim == 1 else None
     try:
-        items = list(prompt)
+        return [_as_id(t) for t in prompt]
     except TypeError:
         return None
-    return [operator.index(t) for t in items] if all(_is_id(t) for t in items) else None
+
+
+def _as_id(value) -> int:
+    """int(value) for an int, numpy integer or integer scalar tensor; TypeError for anything else."""
+    if isinstance(value, (bool, str)):
+        raise TypeError(f"{value!r} is not a token id")
+    return operator.index(value)
 
 
 def _is_id(value) -> bool:
-    """An int, a numpy integer or an integer scalar tensor (not a bool, not a string)."""
-    if isinstance(value, (bool, str)):
-        return False
     try:
-        operator.index(value)
+        _as_id(value)
     except TypeError:
         return False
     return True

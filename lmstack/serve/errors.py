@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmstack.tokenizer.tokenizer import lone_surrogate
+
 log = logging.getLogger("lmstack.serve")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -59,21 +61,6 @@ def short(value: object, limit: int = 40) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
-
-
-def lone_surrogate(text: str) -> int | None:
-    """The index of the first lone UTF-16 surrogate (U+D800..U+DFFF) in `text`, or None.
-
-    JSON's \\ud800 escapes decode to such code points; they are not Unicode text, and no
-    tokenizer (nor UTF-8) can encode them. `str.encode` finds them in C, fast for megabytes.
-    """
-    if text.isascii():
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return err.start
-    return None
 
 
 def check_text(text: str, param: str, where: str | None = None) -> None:

@@ -356,14 +356,27 @@ class Tokenizer:
         return f"Tokenizer({model}, vocab_size={self.vocab_size}, eos={self.special_token('eos')!r})"
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone UTF-16 surrogate (U+D800..U+DFFF) in `text`, or None.
+
+    JSON's \\ud800 escapes decode to such code points; they are not Unicode text, and neither
+    UTF-8 nor the Rust tokenizer can encode them. `str.encode` finds them in C, fast for megabytes.
+    """
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 def _check_text(text: str) -> None:
-    """Text the tokenizer can encode: a str of valid Unicode (a lone surrogate, which JSON's \\ud800
-    escapes can carry, would make the Rust tokenizer raise a bare TypeError)."""
+    """Text the tokenizer can encode: a str of valid Unicode (a lone surrogate would make the
+    Rust tokenizer raise a bare TypeError)."""
     if not isinstance(text, str):
         raise TokenizerError(f"text to encode must be a str, got {type(text).__name__}")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise TokenizerError(f"the text is not valid Unicode: a lone surrogate {text[err.start]!r} at index "
-                                 f"{err.start}; send UTF-8 text") from None
+    index = lone_surrogate(text)
+    if index is not None:
+        raise TokenizerError(f"the text is not valid Unicode: a lone surrogate {text[index]!r} at index "
+                             f"{index}; send UTF-8 text")

@@ -56,7 +56,7 @@ def check_out_dir(out_dir: Path) -> None:
     existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"--out_dir {out_dir} is inside {existing}, which is a file; give a directory for the run")
-    writable = [p for p in (existing, existing / "checkpoints") if p.is_dir()]
+    writable = [p for p in (existing, out_dir / "checkpoints") if p.is_dir()]
     if not all(os.access(p, os.W_OK | os.X_OK) for p in writable):
         raise ConfigError(f"--out_dir {out_dir} cannot be written ({existing} is read-only for this user); "
                           "choose a writable directory")
