@@ -197,15 +197,18 @@ def main() -> None:
     for _ in range(args.rounds):
         for v, (full, first) in runs.items():
             synchronize(device)
+            if device == "cpu":  # let the last run's spin-waiting thread pools (OpenMP, BLAS) go idle
+                time.sleep(0.5)
             start = time.perf_counter()
             first()
             synchronize(device)
-            mid = time.perf_counter()
+            first_times[v].append(time.perf_counter() - start)
+            if device == "cpu":
+                time.sleep(0.5)
+            start = time.perf_counter()
             full()
             synchronize(device)
-            end = time.perf_counter()
-            first_times[v].append(mid - start)
-            times[v].append(end - mid)
+            times[v].append(time.perf_counter() - start)
 
     ids = held_out_ids(args.eval_text, vocab, args.eval_tokens)
     window = 512
@@ -248,7 +251,8 @@ def main() -> None:
              f"{bandwidth / weight_bytes_per_token(base):,.0f} tokens/s unquantized; quality on "
              f"{ids.numel()} held-out byte tokens of {Path(args.eval_text).name if Path(args.eval_text).is_file() else 'a fixed string'}")
     if device == "cpu":
-        notes += "; shared 2-core machine, other jobs running: absolute figures are noisy, the ratio less so"
+        notes += ("; 0.5 s pause before every timed call so no run pays for the last one's spinning thread "
+                  "pools; shared 2-core machine, other jobs running: absolute figures are noisy, the ratio less so")
     report(f"bench_decode: {preset} single-request decode ({device})", table, notes, args.no_record)
     tmp.cleanup()
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from lmstack.config import is_int
 from lmstack.engine.kv_cache import BlockManager, PagedKVCache
 from lmstack.engine.outputs import EngineStats, RequestOutput
 from lmstack.engine.runner import ModelRunner, profile_peak_memory, resolve_backend, to_device
@@ -64,11 +65,11 @@ class EngineConfig:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         for name in ("num_blocks", "max_model_len"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ConfigError(f"{name}={value!r} must be a positive integer or None")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")

@@ -11,13 +11,26 @@ other tensor. Results equal `F.linear` to fp32 rounding (tests compare in float6
 Packing GPT-2 124M takes about 0.2 s, as long as decoding 8 tokens, so the packed copy is kept
 per model (while the model lives) and made again only when a tensor of the model changed: an
 optimizer step, `load_state_dict` or a swapped module all change the signature it is kept under.
+
+One case is faster still outside oneDNN: a batch-1 decode step, where every product is a GEMV.
+Each oneDNN call costs 25-45 us before it streams anything, and PyTorch's own GEMV runs on one
+core (17 GB/s), while numpy's BLAS (OpenBLAS in numpy's wheels) streams a GEMV with its own
+threads at 32-37 GB/s for every GPT-2 shape. Two thread pools that both spin-wait must not take
+turns, though (both at 2 threads: 4x slower), so such a step runs PyTorch's few small ops on one
+thread and gives the cores to BLAS (`blas_decode_step`); measured +12-17% decode tokens/s for
+GPT-2 124M on the 2-core CI machine (benchmarks/RESULTS.md). It is used only where it pays: one
+row, a multi-threaded BLAS (threadpoolctl tells), and a KV cache small beside the weights, since
+attention over a long cache would then run on one core.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
+import threading
 import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,9 +49,17 @@ class PackedLinear(nn.Module):
         with torch.no_grad():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size=1)
         self.bias = linear.bias.detach() if linear.bias is not None else None  # shared storage
+        # numpy views of the model's own tensors (no copy) for blas_decode_step's GEMVs
+        self.np_weight = linear.weight.detach().numpy()
+        self.np_bias = self.bias.numpy() if self.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] == 1 and _blas_step.active:
+            y = self.np_weight @ flat[0].detach().numpy()
+            if self.np_bias is not None:
+                y += self.np_bias
+            return torch.from_numpy(y).reshape(*x.shape[:-1], self.out_features)
         y = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -55,6 +76,50 @@ def can_pack(model: nn.Module) -> bool:
            for w in weights):
         return False  # quantized (torchao) or non-fp32 weights keep their own kernels
     return sum(w.numel() * 4 for w in {id(w): w for w in weights}.values()) <= MAX_PACKED_BYTES
+
+
+class _BlasStep(threading.local):
+    active = False
+
+
+_blas_step = _BlasStep()
+
+# a decode step goes to BLAS only while its KV cache is this much smaller than the weights
+KV_TO_WEIGHT_BYTES = 1 / 8
+
+
+@functools.cache
+def blas_threads() -> int:
+    """Threads numpy's BLAS runs with (0 when threadpoolctl finds none it knows)."""
+    import numpy  # noqa: F401  (loads the BLAS library threadpoolctl then finds)
+    from threadpoolctl import threadpool_info
+
+    return max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=0)
+
+
+def blas_decode_pays(model: nn.Module, batch_size: int, cache_length: int) -> bool:
+    """A batch-1 step whose KV cache is small beside the weights, with BLAS as parallel as torch."""
+    if batch_size != 1 or os.environ.get("LMSTACK_CPU_BLAS_GEMV", "1") == "0":
+        return False
+    threads = torch.get_num_threads()
+    if threads > 1 and blas_threads() < threads:
+        return False  # a single-threaded BLAS would stream at one core's rate
+    c = model.config
+    kv_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * cache_length * 4
+    return kv_bytes <= KV_TO_WEIGHT_BYTES * model.packed_weight_bytes
+
+
+@contextmanager
+def blas_decode_step():
+    """GEMVs through numpy's BLAS, everything else on one PyTorch thread (see the module doc)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _blas_step.active = True
+    try:
+        yield
+    finally:
+        _blas_step.active = False
+        torch.set_num_threads(threads)
 
 
 _packed_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -80,8 +145,11 @@ def packed_for_cpu_decoding(model: nn.Module) -> nn.Module:
     """A copy of `model` whose linears are PackedLinear; every other tensor is shared, not copied."""
     memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     view = copy.deepcopy(model, memo)
+    weights = {}
     for module in list(view.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, PackedLinear(child))
+                weights[id(child.weight)] = child.weight.numel() * 4
+    view.packed_weight_bytes = sum(weights.values())
     return view.eval()

@@ -63,6 +63,19 @@ class Decoder:
         self.cache.reorder(rows)
 
 
+class PackedDecoder(Decoder):
+    """Eager decoding over a CPU copy with oneDNN-packed weights (`cpu_packing`): batch-1 steps
+    with a short cache run their GEMVs through BLAS, the rest as `Decoder` does."""
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        from lmstack.infer.cpu_packing import blas_decode_pays, blas_decode_step
+
+        if not blas_decode_pays(self.model, tokens.shape[0], self.cache.length + 1):
+            return super().decode(tokens)
+        with blas_decode_step():
+            return super().decode(tokens)
+
+
 CACHE_STEP = 256  # static caches are sized in multiples of this (fewer distinct shapes, fewer graphs)
 
 
@@ -172,8 +185,8 @@ _compiled_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def make_decoder(model: Transformer, compile: bool | None = None) -> Decoder:
     """The compiled static-cache decoder on CUDA; on a CPU the eager one, over oneDNN-packed
-    weights when the model is fp32 and small enough to hold them twice (see cpu_packing; the
-    packed copy is kept per model too, and made again after the weights change).
+    weights when the model is fp32 and small enough to hold them twice (`PackedDecoder`; see
+    cpu_packing; the packed copy is kept per model too, and made again after the weights change).
 
     The compiled decoder is kept per model (while the model lives) and handed out again: a new
     one would compile and record its CUDA graphs again, tens of seconds per `generate` call."""
@@ -187,5 +200,5 @@ def make_decoder(model: Transformer, compile: bool | None = None) -> Decoder:
         from lmstack.infer.cpu_packing import can_pack, packed_view
 
         if can_pack(model):
-            return Decoder(packed_view(model))
+            return PackedDecoder(packed_view(model))
     return Decoder(model)

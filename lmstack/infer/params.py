@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lmstack.config import is_int
 from lmstack.errors import ConfigError
 
 MAX_LOGPROBS = 20
@@ -81,12 +82,12 @@ class SamplingParams:
                "stop", self.stop, "must be a string or a list of strings")
         _check(all(math.isfinite(v) for v in (self.logit_bias or {}).values()), "logit_bias", self.logit_bias,
                "must map token ids to finite biases (use banned_token_ids to forbid a token)")
-        _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64), "seed", self.seed,
+        _check(self.seed is None or (is_int(self.seed) and -2**63 <= self.seed < 2**64), "seed", self.seed,
                "must be an integer that fits in 64 bits")
-        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _check(is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 means greedy)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k,
+        _check(is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
                "must be an integer >= 1, or 0 / -1 to disable")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
@@ -94,16 +95,16 @@ class SamplingParams:
                "must be in [-2, 2]")
         _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty,
                "must be > 0 (1 disables it)")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        _check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
                "max_tokens", self.max_tokens, "must be an integer >= 1 (or None to fill the context)")
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
+        _check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
                "must be an integer >= 0")
         if self.max_tokens is not None:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
                    f"must not exceed max_tokens={self.max_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS), name, value,
+            _check(value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS), name, value,
                    f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         _check(all(isinstance(s, str) and s for s in self.stop_strings), "stop", self.stop,
                "must be non-empty strings")
@@ -152,7 +153,7 @@ class GenerationConfig(SamplingParams):
 
     def validate(self, vocab_size: int | None = None) -> GenerationConfig:
         super().validate(vocab_size)
-        _check(isinstance(self.num_beams, int) and self.num_beams >= 1, "num_beams", self.num_beams,
+        _check(is_int(self.num_beams) and self.num_beams >= 1, "num_beams", self.num_beams,
                "must be an integer >= 1")
         _check(self.early_stopping in (True, False, "never"), "early_stopping", self.early_stopping,
                'must be true, false or "never"')

@@ -6,8 +6,10 @@ import torch.nn.functional as F
 from hf_models import randomize_
 
 import lmstack
-from lmstack.infer.cpu_packing import PackedLinear, can_pack, packed_for_cpu_decoding, packed_view
-from lmstack.infer.decoder import Decoder, make_decoder
+from lmstack.infer import GenerationConfig, cpu_packing, generate
+from lmstack.infer.cpu_packing import (KV_TO_WEIGHT_BYTES, PackedLinear, _blas_step, blas_decode_pays, blas_decode_step,
+                                       can_pack, packed_for_cpu_decoding, packed_view)
+from lmstack.infer.decoder import Decoder, PackedDecoder, make_decoder
 from lmstack.model import KVCache
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
@@ -76,3 +78,57 @@ def test_packed_copy_is_kept_until_a_weight_changes():
     model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.padded_vocab_size, bias=False)
     assert packed_view(model).lm_head.out_features == model.config.padded_vocab_size
     assert packed_logits_follow_the_model()[1]  # a swapped module is a new tensor: packed again
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_blas_gemv_step_matches_float64(bias):
+    linear = torch.nn.Linear(300, 70, bias=bias)
+    packed = PackedLinear(linear)
+    x = torch.randn(1, 1, 300)
+    ref = F.linear(x.double(), linear.weight.double(), linear.bias.double() if bias else None)
+    threads = torch.get_num_threads()
+    with torch.inference_mode(), blas_decode_step():
+        assert torch.get_num_threads() == 1 and _blas_step.active
+        out = packed(x)
+    assert torch.get_num_threads() == threads and not _blas_step.active  # restored
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_blas_decode_is_used_only_where_it_pays(monkeypatch):
+    model, _ = lmstack.load("tiny-gpt2", random_init=True, seed=0)
+    view = packed_view(model.eval())
+    c = view.config
+    kv_per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+    short = int(KV_TO_WEIGHT_BYTES * view.packed_weight_bytes // kv_per_position)
+    assert short >= 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 2)
+    assert blas_decode_pays(view, 1, short)
+    assert not blas_decode_pays(view, 1, short + 1)  # attention over a long cache would run on one core
+    assert not blas_decode_pays(view, 2, 1)  # several rows: oneDNN's GEMM is faster than BLAS there
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 1)
+    assert not blas_decode_pays(view, 1, 1)  # a one-thread BLAS streams slower than 2-thread oneDNN
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 2)
+    monkeypatch.setenv("LMSTACK_CPU_BLAS_GEMV", "0")
+    assert not blas_decode_pays(view, 1, 1)
+
+
+def test_generate_through_blas_steps_equals_the_plain_model(monkeypatch):
+    model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
+    randomize_(model, seed=3, std=0.15).eval()
+    monkeypatch.setattr(cpu_packing, "KV_TO_WEIGHT_BYTES", 1e9)  # every batch-1 step of this tiny model
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: torch.get_num_threads())
+    blas_rows = []
+    forward = PackedLinear.forward
+    monkeypatch.setattr(PackedLinear, "forward",
+                        lambda self, x: blas_rows.append(_blas_step.active) or forward(self, x))
+    prompt = torch.randint(0, 256, (11,)).tolist()
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True, logprobs=0)
+    decoder = make_decoder(model)
+    assert isinstance(decoder, PackedDecoder)
+    fast = generate(model, [prompt], config, decoder=decoder)[0].outputs[0]
+    assert sum(blas_rows) == 11 * len(model.layers) * 4 + 11  # 11 decode steps x (qkv, o, gate_up, down) + head
+    plain = generate(model, [prompt], config, decoder=Decoder(model))[0].outputs[0]
+    assert fast.token_ids == plain.token_ids
+    assert max(abs(a - b) for a, b in zip(fast.logprobs, plain.logprobs)) < 1e-5
