@@ -50,6 +50,18 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def incomplete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """`step-N` directories without `trainer_state/state.pt`, newer than every complete checkpoint:
+    what `--resume` passes over (a directory edited by hand; our own writes are atomic)."""
+    root = checkpoints_root(out_dir)
+    if not root.is_dir():
+        return []
+    newest = max((step for step, _ in list_checkpoints(out_dir)), default=-1)
+    found = [(int(m.group(1)), path) for path in root.iterdir()
+             if (m := _STEP_DIR.match(path.name)) and path.is_dir() and not (path / STATE_DIR / STATE_FILE).is_file()]
+    return [path for step, path in sorted(found) if step > newest]
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None

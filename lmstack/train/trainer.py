@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from lmstack.checkpoint.state import (
     check_same_shape,
+    incomplete_checkpoints,
     latest_checkpoint,
     list_checkpoints,
     load_trainer_state,
@@ -125,6 +127,12 @@ class Trainer:
                 )
             return None, None
         path = latest_checkpoint(c.out_dir)
+        skipped = incomplete_checkpoints(c.out_dir)
+        if skipped and self.dist.is_main:
+            print(f"warning: --resume passes over {', '.join(str(p) for p in skipped)}: no "
+                  f"trainer_state/state.pt there, so no optimizer or data position to continue from; resuming from "
+                  f"{path.name if path is not None else 'scratch'} (remove or move them to silence this)",
+                  file=sys.stderr, flush=True)
         if path is None:
             return None, None  # nothing to resume: a fresh start (so --resume is safe to always pass)
         from lmstack.checkpoint.hf_config import read_config

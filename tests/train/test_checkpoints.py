@@ -63,3 +63,16 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records if "loss" in r])
     assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
+
+
+def test_resume_says_which_newer_step_directories_it_passes_over(tmp_path, capsys):
+    toy_trainer(tmp_path, max_steps=2, save_every=2).fit()
+    manual = tmp_path / "checkpoints" / "step-00000005"
+    manual.mkdir()  # e.g. an HF export copied here by hand: weights but no trainer state
+    (manual / "config.json").write_text("{}")
+    capsys.readouterr()
+    trainer = toy_trainer(tmp_path, max_steps=4, resume=True)
+    err = capsys.readouterr().err
+    assert trainer.step == 2
+    assert f"--resume passes over {manual}: no trainer_state/state.pt there" in err
+    assert "resuming from step-00000002" in err
