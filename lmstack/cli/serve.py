@@ -38,6 +38,7 @@ def serve(
     safety_config: str | None = None,
     shutdown_timeout: float = 30.0,
     chat_page: bool = True,
+    trust_request_chat_template: bool = False,
     log_level: str = "info",
 ) -> None:
     """Serve a model over OpenAI's API: /v1/completions, /v1/chat/completions, /v1/embeddings and more.
@@ -67,6 +68,7 @@ def serve(
         safety_config: YAML/JSON file of blocked patterns by category (see docs/serving.md); off by default.
         shutdown_timeout: Seconds in-flight requests get to finish after SIGTERM before they are aborted.
         chat_page: Serve the chat page at /.
+        trust_request_chat_template: Render a request's own `chat_template` (Jinja, sandboxed); off: such requests get 400.
         log_level: uvicorn's log level: critical, error, warning, info, debug.
     """
     import logging
@@ -106,7 +108,7 @@ def serve(
         model_names=names, model_root=model, api_keys=keys,
         limits=ServeLimits(max_waiting=max_waiting, max_n=max_n, max_prompts=max_prompts,
                            max_body_bytes=max_body_bytes, request_timeout=request_timeout),
-        safety=safety, chat_page=chat_page)
+        safety=safety, chat_page=chat_page, trust_request_chat_template=trust_request_chat_template)
 
     def load():
         from lmstack.engine import AsyncEngine

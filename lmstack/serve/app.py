@@ -66,6 +66,7 @@ class ServeConfig:
     limits: ServeLimits = field(default_factory=ServeLimits)
     safety: SafetyFilter | None = None
     chat_page: bool = True
+    trust_request_chat_template: bool = False  # run a request's own `chat_template` (vLLM's flag)
 
     def __post_init__(self) -> None:
         if not self.model_names or not all(isinstance(n, str) and n for n in self.model_names):
@@ -220,7 +221,8 @@ def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | 
         check_model(state, body.model)
         state.require_engine()
         if body.messages is not None:
-            text = await render_chat_async(state, body.messages, add_generation_prompt=body.add_generation_prompt)
+            text = await render_chat_async(state, body.messages, add_generation_prompt=body.add_generation_prompt,
+                                           chat_template=body.chat_template)
             ids = await encode(state, text, "messages", add_special_tokens=False)
         else:
             ids = await encode(state, body.prompt, "prompt", add_special_tokens=body.add_special_tokens)

@@ -62,8 +62,15 @@ def messages_as_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 def render_chat(state: Any, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, tools: list[dict] | None = None,
-                template_kwargs: dict[str, Any] | None = None) -> str:
-    """The prompt text for `messages`; 400 when the template refuses them."""
+                template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None) -> str:
+    """The prompt text for `messages`; 400 when the template refuses them.
+
+    chat_template: the request's own template (vLLM's field), run only on a server started with
+    --trust-request-chat-template: it is code from the client, sandboxed but costly to render."""
+    if chat_template is not None and not state.config.trust_request_chat_template:
+        raise bad_request("chat_template was sent with the request, but this server does not run templates from "
+                          "requests; leave the field out to use the model's template, or start the server with "
+                          "--trust_request_chat_template true", param="chat_template")
     kwargs = dict(template_kwargs or {})
     clash = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
     if clash:
@@ -72,9 +79,11 @@ def render_chat(state: Any, messages: list[ChatMessage], *, add_generation_promp
     dicts = messages_as_dicts(messages)
     try:
         text = state.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt, tools=tools,
-                                                   **kwargs)
+                                                   chat_template=chat_template, **kwargs)
     except LmstackError as err:
-        raise bad_request(f"the chat template could not render these messages: {err}", param="messages") from None
+        whose = "the request's chat_template" if chat_template is not None else "the chat template"
+        raise bad_request(f"{whose} could not render these messages: {err}",
+                          param="chat_template" if chat_template is not None else "messages") from None
     if continue_final_message:  # as transformers: cut the rendered text right after the last message
         final = dicts[-1]["content"].strip()
         if dicts[-1]["role"] != "assistant" or not final or final not in text:
@@ -128,7 +137,7 @@ async def _plan(state: Any, req: ChatCompletionRequest, request_id: str) -> Prom
     tools = req.tools if req.tool_choice != "none" else None
     text = await render_chat_async(state, req.messages, add_generation_prompt=req.add_generation_prompt,
                                    continue_final_message=req.continue_final_message, tools=tools,
-                                   template_kwargs=req.chat_template_kwargs)
+                                   template_kwargs=req.chat_template_kwargs, chat_template=req.chat_template)
     ids = await encode(state, text, "messages", add_special_tokens=False, max_tokens=state.engine.max_model_len)
     check_prompt_length(state, len(ids), param="messages")
     if req.max_completion_tokens is not None:

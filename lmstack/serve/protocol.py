@@ -126,6 +126,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's: a Jinja template for this request (--trust-request-chat-template)
     prompt_logprobs: int | None = None  # vLLM's; refused with 400 (completions only), never silently dropped
 
     @model_validator(mode="after")
@@ -155,6 +156,7 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template: str | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import operator
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from lmstack.tokenizer.chat import ChatTemplate, select_template
 
 SPECIAL_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 _RUNTIME_KEYS = ("backend", "is_local", "local_files_only", "name_or_path", "_commit_hash")
+# compiled chat templates kept per tokenizer (the model's own, plus recent per-request ones on a server)
+MAX_COMPILED_TEMPLATES = 16
 # transformers' clean_up_tokenization: drop the space WordPiece-style decoders put before punctuation.
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -139,6 +142,7 @@ class Tokenizer:
         self.backend = backend
         self.config = dict(config or {})
         self._templates: dict[str, ChatTemplate] = {}
+        self._templates_lock = threading.Lock()
 
     # ---- training ----------------------------------------------------------------------
     @classmethod
@@ -331,9 +335,12 @@ class Tokenizer:
                 else (chat_template, "chat template")
         else:
             source, name = select_template(templates, tools)
-        if source not in self._templates:
-            self._templates[source] = ChatTemplate(source, name)
-        return self._templates[source]
+        with self._templates_lock:  # a server renders from several threads
+            template = self._templates.pop(source, None) or ChatTemplate(source, name)
+            self._templates[source] = template  # most recent last: a server's per-request templates stay bounded
+            while len(self._templates) > MAX_COMPILED_TEMPLATES:
+                self._templates.pop(next(iter(self._templates)))
+        return template
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
                             tools: list[dict] | None = None, tokenize: bool = False,

@@ -122,3 +122,16 @@ def test_named_templates_pick_tool_use(tmp_path):
     assert tok.apply_chat_template(CHAT, chat_template="tool_use") == "T0"
     tok.save(tmp_path)
     assert Tokenizer.load(tmp_path).apply_chat_template(CHAT, tools=TOOLS) == "T1"
+
+
+def test_per_call_templates_render_and_stay_a_bounded_cache(tmp_path):
+    from lmstack.tokenizer.tokenizer import MAX_COMPILED_TEMPLATES
+
+    tok = with_template(tmp_path, ZEPHYR)
+    hf = hf_tokenizer(tmp_path)
+    for i in range(MAX_COMPILED_TEMPLATES + 5):  # a server meets a new template in each request
+        template = f"{{% for m in messages %}}[{i}:{{{{ m['role'] }}}}]{{{{ m['content'] }}}}{{% endfor %}}"
+        assert tok.apply_chat_template(ALTERNATING, chat_template=template) == \
+            hf.apply_chat_template(ALTERNATING, chat_template=template, tokenize=False)
+        assert len(tok._templates) <= MAX_COMPILED_TEMPLATES
+    assert tok.apply_chat_template(ALTERNATING) == hf.apply_chat_template(ALTERNATING, tokenize=False)
