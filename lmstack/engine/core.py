@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -97,6 +97,7 @@ class _Launched:
 
     sample_seqs: list[Sequence]
     prompt: list  # (sequence, logprobs_of(...) of its prompt chunk), being copied to the host
+    scored: list[Sequence] = field(default_factory=list)  # max_tokens=0: done once their prompt is read back
     tokens: torch.Tensor | None = None  # (len(sample_seqs),) sampled tokens, on the device (feeds the next step)
     positions: list[int] | None = None  # where each sampled token goes in its sequence's token_ids
     host_tokens: torch.Tensor | None = None  # the same tokens, being copied to the host
@@ -230,14 +231,16 @@ class EngineCore:
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         room = limit - n
-        if room < 1:
+        if room < 0 or (room == 0 and params.max_tokens != 0):
             raise RequestError(f"the prompt has {n} tokens but max_model_len is {limit}: nothing can be generated; "
-                               "shorten the prompt")
+                               "shorten the prompt" + (" (max_tokens=0 scores a prompt of up to max_model_len tokens)"
+                                                       if room == 0 else ""))
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room:
             raise RequestError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len={limit}; "
                                f"use max_tokens <= {room}")
-        need = self.blocks.blocks_for(n + max_tokens - 1)
+        # the KV cache holds every token but the last generated one (max_tokens=0: the whole prompt)
+        need = self.blocks.blocks_for(n + max(max_tokens - 1, 0))
         if need > self.blocks.num_blocks:
             raise RequestError(
                 f"the request needs up to {need} KV blocks ({n} prompt + {max_tokens} new tokens, block_size="
@@ -295,7 +298,7 @@ class EngineCore:
             if self.requests and self._inflight is None:  # cannot happen for validated requests
                 raise RuntimeError(f"the scheduler made no progress with {len(self.requests)} requests queued")
             return None
-        keep, sample_seqs, prompt_rows = self._rows(out)
+        keep, sample_seqs, prompt_rows, scored = self._rows(out)
         logits = self.runner.run(out.scheduled, keep, self._fed_tokens(out))
         self.scheduler.update(out)
         self._counters.num_steps_total += 1
@@ -304,7 +307,10 @@ class EngineCore:
         for seq, rows, targets in prompt_rows:
             tokens = to_device(targets, torch.long, logits.device)
             prompt.append((seq, _to_host(logprobs_of(logits[rows], tokens, seq.request.params.prompt_logprobs))))
-        launched = _Launched(sample_seqs, prompt)
+        launched = _Launched(sample_seqs, prompt, scored)
+        for seq in scored:  # max_tokens=0: the prompt is all there is to compute
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHING
         if sample_seqs:
             logits = logits[len(keep) - len(sample_seqs):]
             tensors = self._sampling_tensors(sample_seqs)
@@ -356,6 +362,11 @@ class EngineCore:
             if top_ids is not None:
                 request.prompt_top_logprobs.extend(dict(zip(i, v)) for i, v in zip(top_ids.tolist(),
                                                                                      top_vals.tolist()))
+        for seq in launched.scored:
+            if not seq.is_finished:  # else aborted meanwhile
+                seq.state.finish("length")
+                self._mark_finished(seq)
+                touched[seq.request.request_id] = seq.request
         if launched.tokens is not None:
             self._append_tokens(launched, touched)
         outputs = []
@@ -368,8 +379,9 @@ class EngineCore:
         return outputs
 
     def _rows(self, out: SchedulerOutput):
-        """Which logits rows to compute: prompt-logprob rows first, then one row per sampled sequence."""
-        prompt_keep, sample_keep, sample_seqs, prompt_rows = [], [], [], []
+        """Which logits rows to compute: prompt-logprob rows first, then one row per sampled sequence
+        (none for a max_tokens=0 request, which is `scored` once its prompt is in)."""
+        prompt_keep, sample_keep, sample_seqs, prompt_rows, scored = [], [], [], [], []
         offset = 0
         for s in out.scheduled:
             seq, request = s.seq, s.seq.request
@@ -381,11 +393,13 @@ class EngineCore:
                     prompt_keep.extend(range(offset + lo - s.start, offset + hi - s.start))
                     prompt_rows.append((seq, slice(first, len(prompt_keep)), seq.token_ids[lo + 1:hi + 1]))
                     request.num_scored_prompt_tokens = hi + 1
-            if s.completes:
+            if s.completes and request.max_tokens == 0:
+                scored.append(seq)
+            elif s.completes:
                 sample_keep.append(offset + s.num_tokens - 1)
                 sample_seqs.append(seq)
             offset += s.num_tokens
-        return prompt_keep + sample_keep, sample_seqs, prompt_rows
+        return prompt_keep + sample_keep, sample_seqs, prompt_rows, scored
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling options; rebuilt only when the batch's members change (steady decode reuses them)."""

@@ -28,7 +28,9 @@ class SamplingParams:
     vLLM/OpenAI: presence/frequency count *generated* tokens only, repetition (transformers' rule)
     counts prompt and generated tokens. min_tokens suppresses EOS and stop_token_ids until that
     many tokens were generated. A request with a seed samples from its own generator, so its
-    output does not depend on what else shares the batch. max_tokens None fills the context.
+    output does not depend on what else shares the batch. max_tokens None fills the context;
+    max_tokens 0 (the engine only) scores the prompt and generates nothing: its prompt_logprobs
+    cover a prompt as long as the whole context.
     """
 
     n: int = 1
@@ -95,8 +97,9 @@ class SamplingParams:
                "must be in [-2, 2]")
         _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty,
                "must be > 0 (1 disables it)")
-        _check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
-               "max_tokens", self.max_tokens, "must be an integer >= 1 (or None to fill the context)")
+        _check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 0),
+               "max_tokens", self.max_tokens, "must be an integer >= 0 (0: score the prompt only; None: fill the "
+               "context)")
         _check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
                "must be an integer >= 0")
         if self.max_tokens is not None:

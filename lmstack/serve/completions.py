@@ -52,7 +52,6 @@ class _Prompt:
     token_ids: list[int]
     text: str  # what echo shows: the given text, or the decoded ids
     run: PromptRun
-    hidden: bool  # max_tokens=0: the engine makes one token that nobody sees
 
 
 @dataclass
@@ -109,17 +108,17 @@ async def _plan(state: Any, req: CompletionRequest, request_id: str) -> list[_Pr
         check_prompt_length(state, len(ids), max_tokens=req.max_tokens)
         max_tokens = resolve_max_tokens(state, len(ids), req.max_tokens, "max_tokens")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else req.prompt_logprobs
-        params = sampling_params(state, req, max(max_tokens, 1), logprobs=req.logprobs,
+        params = sampling_params(state, req, max_tokens, logprobs=req.logprobs,
                                  prompt_logprobs=prompt_logprobs)
         if req.stream:  # a non-streamed request gets the engine's 400 from the engine itself
             check_engine_accepts(state, ids, params)
-        plan.append(_Prompt(ids, text, PromptRun(f"{request_id}-{i}", ids, params), hidden=max_tokens == 0))
+        plan.append(_Prompt(ids, text, PromptRun(f"{request_id}-{i}", ids, params)))
     return plan
 
 
 def _usage(plan: list[_Prompt]) -> UsageInfo:
     prompt = sum(len(p.token_ids) for p in plan)
-    completion = sum(0 if p.hidden else p.run.num_generated for p in plan)
+    completion = sum(p.run.num_generated for p in plan)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -129,15 +128,13 @@ def _echo_logprobs(state: Any, p: _Prompt, update: Update, offset: int = 0):
     return completion_logprobs(state.texts, p.token_ids, plp, top, offset)
 
 
-def _apply(choice: _Choice, p: _Prompt, d: Any) -> None:
-    if not p.hidden:
-        choice.text += d.text
-        choice.token_ids += d.token_ids
-        choice.logprobs += d.logprobs or []
-        choice.top += d.top_logprobs or []
+def _apply(choice: _Choice, d: Any) -> None:
+    choice.text += d.text
+    choice.token_ids += d.token_ids
+    choice.logprobs += d.logprobs or []
+    choice.top += d.top_logprobs or []
     if d.finish_reason is not None:
-        choice.finish_reason = "length" if p.hidden else d.finish_reason
-        choice.stop_reason = None if p.hidden else d.stop_reason
+        choice.finish_reason, choice.stop_reason = d.finish_reason, d.stop_reason
 
 
 async def _collect(state: Any, req: CompletionRequest, plan: list[_Prompt], ticket: Any, deadline: float):
@@ -149,7 +146,7 @@ async def _collect(state: Any, req: CompletionRequest, plan: list[_Prompt], tick
         if update.prompt_logprobs is not None:
             first[i] = update
         for d in update.deltas:
-            _apply(choices[i * n + d.index], plan[i], d)
+            _apply(choices[i * n + d.index], d)
     out = []
     for i, p in enumerate(plan):
         for j in range(n):
@@ -223,11 +220,7 @@ async def _stream(state: Any, req: CompletionRequest, plan: list[_Prompt], reque
                     yield chunk(i * n + j, p.text, lp)
             for d in update.deltas:
                 c = choices[i * n + d.index]
-                _apply(c, p, d)
-                if p.hidden:
-                    if d.finish_reason is not None:
-                        yield chunk(i * n + d.index, "", None, c.finish_reason)
-                    continue
+                _apply(c, d)
                 lp = None
                 if req.logprobs is not None and d.token_ids:
                     lp = completion_logprobs(state.texts, d.token_ids, d.logprobs or [], d.top_logprobs, c.offset)

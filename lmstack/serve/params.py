@@ -40,12 +40,11 @@ def check_prompt_length(state: Any, num_tokens: int, param: str = "prompt", max_
     limit = state.engine.max_model_len
     if num_tokens == 0:
         raise bad_request("the prompt is empty after tokenization; give at least one token", param=param)
-    if num_tokens >= limit:
-        why = ("leaving no room to generate" if max_tokens != 0 else
-               "and the engine needs one position past the prompt even to score it (max_tokens=0): a prompt can have "
-               f"at most {limit - 1} tokens")
+    if num_tokens > limit or (num_tokens == limit and max_tokens != 0):
+        why = "leaving no room to generate" if num_tokens == limit else "more than it can hold"
+        hint = " (max_tokens=0 scores a prompt as long as the context)" if num_tokens == limit else ""
         raise bad_request(f"the prompt has {num_tokens} tokens but this model's context (max_model_len) is {limit} "
-                          f"tokens, {why}; shorten the prompt", param=param, code="context_length_exceeded")
+                          f"tokens, {why}; shorten the prompt{hint}", param=param, code="context_length_exceeded")
 
 
 def check_text_fits(state: Any, text: str, param: str, max_tokens: int) -> None:

@@ -30,7 +30,7 @@ class BlockAccounting(RuleBasedStateMachine):
         self.finished = set()
 
     @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(3, 255), min_size=1, max_size=12),
-          max_tokens=st.integers(1, 12), n=st.integers(1, 2), priority=st.integers(0, 2),
+          max_tokens=st.integers(0, 12), n=st.integers(1, 2), priority=st.integers(0, 2),
           stop=st.lists(st.integers(0, 255), max_size=20), logprobs=st.booleans())
     def submit(self, prefix, tail, max_tokens, n, priority, stop, logprobs):
         params = SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, seed=0, stop_token_ids=stop,

@@ -7,6 +7,7 @@ import torch
 from engine_helpers import alone, prompts, tiny_model
 
 from lmstack.engine import LLM, EngineConfig, EngineCore, SamplingParams
+from lmstack.errors import RequestError
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -95,6 +96,34 @@ def test_prompt_logprobs_equal_full_forward(overlap):
     gen_lp = torch.tensor(out.outputs[0].logprobs)
     assert torch.allclose(gen_lp, expected[len(prompt) - 1:], atol=1e-4, rtol=0)
     assert all(len(t) == 2 for t in out.outputs[0].top_logprobs)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_max_tokens_0_scores_a_full_context_prompt_beside_generating_ones(overlap):
+    """Scoring only (what eval harnesses send): prompt logprobs of a prompt filling the whole
+    context, computed in chunks beside ordinary requests, which are unaffected; nothing generated."""
+    model = tiny_model("llama")
+    limit = model.config.max_position_embeddings
+    llm = LLM(model, block_size=4, num_blocks=80, max_num_batched_tokens=48, async_scheduling=overlap)
+    full, a, b = prompts([limit, 9, 20], seed=5)
+    score = SamplingParams(max_tokens=0, prompt_logprobs=2)
+    outs = llm.generate([a, full, b], [SamplingParams(max_tokens=7, **GREEDY), score,
+                                       SamplingParams(max_tokens=5, **GREEDY)])
+    scored = outs[1]
+    assert scored.outputs[0].token_ids == [] and scored.outputs[0].finish_reason == "length"
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
+    expected = ref[:-1].gather(1, torch.tensor(full)[1:, None]).squeeze(1)
+    assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == limit
+    assert (torch.tensor(scored.prompt_logprobs[1:], dtype=torch.float64) - expected).abs().max() < 1e-4
+    assert [list(t) for t in scored.prompt_top_logprobs[1:]] == ref[:-1].topk(2, dim=-1).indices.tolist()
+    assert outs[0].outputs[0].token_ids == alone(model, a, 7).outputs[0].token_ids
+    assert outs[2].outputs[0].token_ids == alone(model, b, 5).outputs[0].token_ids
+    assert llm.engine.stats().kv_blocks_used == 0
+    with pytest.raises(RequestError, match="max_tokens=0 scores a prompt of up to max_model_len tokens"):
+        llm.generate([full], SamplingParams(max_tokens=1))
+    with pytest.raises(RequestError, match=f"the prompt has {limit + 1} tokens but max_model_len is {limit}"):
+        llm.generate([full + [1]], score)
 
 
 def test_sampling_options_match_infer_generate():

@@ -5,12 +5,14 @@ Bodies are sent as raw bytes where the JSON itself is the point (a `\\ud800` esc
 nesting 100000 levels deep), so the server parses exactly what a client could send.
 """
 
+import json
 import math
 import threading
 import time
 
 import httpx
 import pytest
+import torch
 from serve_helpers import API_KEY, LiveServer, api_error, reference_logprobs
 
 from lmstack.errors import TokenizerError
@@ -177,16 +179,35 @@ def test_the_character_bound_never_refuses_a_prompt_that_fits(server):
 
 # ---- 5. max_tokens 0 at the edge of the context -------------------------------------------------
 
-def test_scoring_a_prompt_of_max_model_len_minus_one_tokens(http, server):
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_0_scores_a_prompt_as_long_as_the_context(http, server, hf_reference, stream):
+    """What evaluation harnesses send for a full window (echo, logprobs, max_tokens=0): exact."""
+    model, _ = hf_reference
     limit = server.state.engine.max_model_len
-    ids = [(7 * i) % 300 for i in range(limit - 1)]
-    r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
+    ids = [(7 * i) % 300 for i in range(limit)]
+    body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": stream}
+    r = http.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == limit - 1
-    # a full-context prompt cannot be scored: the engine needs one position past the prompt; say so
-    err = api_error(http.post("/v1/completions", json={"prompt": ids + [5], "max_tokens": 0, "echo": True,
-                                                     "logprobs": 1}), 400)
-    assert err["code"] == "context_length_exceeded" and "max_tokens=0" in err["message"]
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        lp = chunks[0]["choices"][0]["logprobs"]
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "length"]
+        assert chunks[1]["choices"][0]["text"] == ""
+    else:
+        choice = r.json()["choices"][0]
+        lp, usage = choice["logprobs"], r.json()["usage"]
+        assert choice["finish_reason"] == "length"
+        assert usage == {"prompt_tokens": limit, "completion_tokens": 0, "total_tokens": limit}
+    assert len(lp["tokens"]) == limit and lp["token_logprobs"][0] is None
+    ref = reference_logprobs(model, ids)
+    got = torch.tensor(lp["token_logprobs"][1:], dtype=torch.float64)
+    want = ref[torch.arange(limit - 1), torch.tensor(ids[1:])]
+    assert (got - want).abs().max().item() < 1e-4
+    # one token more than the context, or any generation on a full context, cannot be served: say why
+    err = api_error(http.post("/v1/completions", json={**body, "prompt": ids + [5], "stream": False}), 400)
+    assert err["code"] == "context_length_exceeded" and "more than it can hold" in err["message"]
+    err = api_error(http.post("/v1/completions", json={**body, "max_tokens": 1, "stream": False}), 400)
+    assert err["code"] == "context_length_exceeded" and "max_tokens=0 scores a prompt as long as" in err["message"]
 
 
 # ---- 6. malformed bodies ------------------------------------------------------------------------
