@@ -109,17 +109,32 @@ def blas_decode_pays(model: nn.Module, batch_size: int, cache_length: int) -> bo
     return kv_bytes <= KV_TO_WEIGHT_BYTES * model.packed_weight_bytes
 
 
+class _TorchThreads:
+    """PyTorch's thread count is per process: steps running in several Python threads at once
+    share one save/restore (the first in saves it, the last out restores it)."""
+
+    lock = threading.Lock()
+    inside = 0
+    saved = 1
+
+
 @contextmanager
 def blas_decode_step():
     """GEMVs through numpy's BLAS, everything else on one PyTorch thread (see the module doc)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _TorchThreads.lock:
+        if _TorchThreads.inside == 0:
+            _TorchThreads.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _TorchThreads.inside += 1
     _blas_step.active = True
     try:
         yield
     finally:
         _blas_step.active = False
-        torch.set_num_threads(threads)
+        with _TorchThreads.lock:
+            _TorchThreads.inside -= 1
+            if _TorchThreads.inside == 0:
+                torch.set_num_threads(_TorchThreads.saved)
 
 
 _packed_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

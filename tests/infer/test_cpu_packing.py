@@ -132,3 +132,25 @@ def test_generate_through_blas_steps_equals_the_plain_model(monkeypatch):
     plain = generate(model, [prompt], config, decoder=Decoder(model))[0].outputs[0]
     assert fast.token_ids == plain.token_ids
     assert max(abs(a - b) for a, b in zip(fast.logprobs, plain.logprobs)) < 1e-5
+
+
+def test_decoding_in_several_python_threads_restores_the_thread_count(monkeypatch):
+    import threading
+
+    model, _ = lmstack.load("tiny-gpt2", random_init=True, seed=0)
+    model.eval()
+    monkeypatch.setattr(cpu_packing, "KV_TO_WEIGHT_BYTES", 1e9)
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 64)
+    threads = torch.get_num_threads()
+    config = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    prompt = torch.randint(0, 256, (5,)).tolist()
+    expected = generate(model, [prompt], config, decoder=Decoder(model))[0].outputs[0].token_ids
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(
+        generate(model, [prompt], config)[0].outputs[0].token_ids)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert results == [expected] * 4
+    assert torch.get_num_threads() == threads  # no interleaving of save/restore left it at 1
