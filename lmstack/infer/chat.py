@@ -54,7 +54,8 @@ class ChatSession:
         self.stop_ids = stop_token_ids if stop_token_ids is not None else stop_ids_for_chat(tokenizer)
         self.decoder = decoder or make_decoder(model)
         self.context = model.config.max_position_embeddings
-        self.answer_room = min(self.config.max_tokens or self.context // 2, self.context // 2)
+        room = self.config.max_tokens
+        self.answer_room = min(room if room is not None else self.context // 2, self.context // 2)
         self.dropped_turns = 0
         self.last_prompt_tokens = 0
 

@@ -11,6 +11,7 @@ other tensor. Results equal `F.linear` to fp32 rounding (tests compare in float6
 Packing GPT-2 124M takes about 0.2 s, as long as decoding 8 tokens, so the packed copy is kept
 per model (while the model lives) and made again only when a tensor of the model changed: an
 optimizer step, `load_state_dict` or a swapped module all change the signature it is kept under.
+Writes through `.data` bump no version counter and go unseen: call `forget(model)` after them.
 
 One case is faster still outside oneDNN: a batch-1 decode step, where every product is a GEMV.
 Each oneDNN call costs 25-45 us before it streams anything, and PyTorch's own GEMV runs on one
@@ -26,11 +27,14 @@ attention over a long cache would then run on one core.
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import os
 import threading
 import weakref
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,52 +93,60 @@ KV_TO_WEIGHT_BYTES = 1 / 8
 
 
 @functools.cache
-def blas_threads() -> int:
-    """Threads numpy's BLAS runs with (0 when threadpoolctl finds none it knows)."""
+def _thread_pools() -> tuple[int, Any]:
+    """(threads numpy's BLAS runs with, 0 if threadpoolctl knows none; torch's OpenMP runtime, a
+    ctypes library, or None when torch's CPU threads are not OpenMP's)."""
     import numpy  # noqa: F401  (loads the BLAS library threadpoolctl then finds)
     from threadpoolctl import threadpool_info
 
-    return max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=0)
+    pools = threadpool_info()
+    blas = max((p["num_threads"] for p in pools if p["user_api"] == "blas"), default=0)
+    omp = [p["filepath"] for p in pools if p["user_api"] == "openmp"]
+    omp = [f for f in omp if "torch" in Path(f).parts] or omp  # torch's own runtime, else the only one
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info() or len(omp) != 1:
+        return blas, None
+    return blas, ctypes.CDLL(omp[0])
+
+
+def blas_threads() -> int:
+    return _thread_pools()[0]
 
 
 def blas_decode_pays(model: nn.Module, batch_size: int, cache_length: int) -> bool:
-    """A batch-1 step whose KV cache is small beside the weights, with BLAS as parallel as torch."""
+    """A batch-1 step whose KV cache is small beside the weights, with BLAS exactly as parallel
+    as torch (fewer BLAS threads stream slower; more would use cores the user kept from torch)."""
     if batch_size != 1 or os.environ.get("LMSTACK_CPU_BLAS_GEMV", "1") == "0":
         return False
     threads = torch.get_num_threads()
-    if threads > 1 and blas_threads() < threads:
-        return False  # a single-threaded BLAS would stream at one core's rate
+    if threads < 2 or blas_threads() != threads or _thread_pools()[1] is None:
+        return False
     c = model.config
     kv_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * cache_length * 4
     return kv_bytes <= KV_TO_WEIGHT_BYTES * model.packed_weight_bytes
 
 
-class _TorchThreads:
-    """PyTorch's thread count is per process: steps running in several Python threads at once
-    share one save/restore (the first in saves it, the last out restores it)."""
-
-    lock = threading.Lock()
-    inside = 0
-    saved = 1
-
-
 @contextmanager
 def blas_decode_step():
-    """GEMVs through numpy's BLAS, everything else on one PyTorch thread (see the module doc)."""
-    with _TorchThreads.lock:
-        if _TorchThreads.inside == 0:
-            _TorchThreads.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _TorchThreads.inside += 1
+    """GEMVs through numpy's BLAS, everything else on one OpenMP thread (see the module doc).
+
+    Only this OS thread's OpenMP team size changes (`omp_set_num_threads` is per thread), never
+    torch's process-wide default: `torch.set_num_threads` here would leave threads that start
+    meanwhile, or steps running in other Python threads, with the wrong count."""
+    omp = _thread_pools()[1]
+    threads = torch.get_num_threads()  # also runs torch's per-thread lazy setup before we change it
+    omp.omp_set_num_threads(1)
     _blas_step.active = True
     try:
         yield
     finally:
         _blas_step.active = False
-        with _TorchThreads.lock:
-            _TorchThreads.inside -= 1
-            if _TorchThreads.inside == 0:
-                torch.set_num_threads(_TorchThreads.saved)
+        omp.omp_set_num_threads(threads)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the packed copy kept for `model`: needed only after writing weights through `.data`,
+    which (unlike in-place ops, optimizers and `load_state_dict`) no version counter sees."""
+    _packed_views.pop(model, None)
 
 
 _packed_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

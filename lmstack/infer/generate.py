@@ -129,9 +129,6 @@ def plan(model, prompts: Prompts, config: GenerationConfig | SamplingParams | No
     elif not isinstance(config, GenerationConfig):
         config = GenerationConfig(**{f: getattr(config, f) for f in SamplingParams.__dataclass_fields__})
     config.validate(model.config.vocab_size)
-    if config.max_tokens == 0:
-        raise ConfigError("max_tokens=0 (score the prompt, generate nothing) is for the engine (lmstack.LLM with "
-                          "prompt_logprobs); for one prompt here, lmstack.infer.prompt_logprobs(model, ids) scores it")
     ids, texts = as_token_lists(prompts, tokenizer)
     if not ids:
         raise ConfigError("no prompts given")

@@ -156,6 +156,9 @@ class GenerationConfig(SamplingParams):
 
     def validate(self, vocab_size: int | None = None) -> GenerationConfig:
         super().validate(vocab_size)
+        _check(self.max_tokens != 0, "max_tokens", self.max_tokens,
+               "(score the prompt, generate nothing) is for the engine: lmstack.LLM with SamplingParams(max_tokens=0, "
+               "prompt_logprobs=k); for one prompt, lmstack.infer.prompt_logprobs(model, ids) scores it")
         _check(is_int(self.num_beams) and self.num_beams >= 1, "num_beams", self.num_beams,
                "must be an integer >= 1")
         _check(self.early_stopping in (True, False, "never"), "early_stopping", self.early_stopping,

@@ -162,6 +162,8 @@ class TokenizeRequest(_Request):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise FieldError("give exactly one of prompt or messages")
+        if self.chat_template is not None and self.messages is None:
+            raise FieldError("chat_template applies to messages; a prompt is tokenized as it is", "chat_template")
         return self
 
 

@@ -131,7 +131,8 @@ class Trainer:
         if skipped and self.dist.is_main:
             print(f"warning: --resume passes over {', '.join(str(p) for p in skipped)}: no "
                   f"trainer_state/state.pt there, so no optimizer or data position to continue from; resuming from "
-                  f"{path.name if path is not None else 'scratch'} (remove or move them to silence this)",
+                  f"{path.name if path is not None else 'scratch'}; a checkpoint this run saves at the same step "
+                  "replaces such a directory, so move it out of checkpoints/ to keep it",
                   file=sys.stderr, flush=True)
         if path is None:
             return None, None  # nothing to resume: a fresh start (so --resume is safe to always pass)

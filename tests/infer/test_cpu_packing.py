@@ -13,6 +13,8 @@ from lmstack.infer.decoder import Decoder, PackedDecoder, make_decoder
 from lmstack.model import KVCache
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+needs_torch_openmp = pytest.mark.skipif(cpu_packing._thread_pools()[1] is None,
+                                        reason="BLAS decode steps need torch's OpenMP runtime")
 
 
 @pytest.mark.parametrize("shape,rows", [((50, 32), 1), ((96, 64), 5), ((7, 300), 3)])
@@ -80,6 +82,7 @@ def test_packed_copy_is_kept_until_a_weight_changes():
     assert packed_logits_follow_the_model()[1]  # a swapped module is a new tensor: packed again
 
 
+@needs_torch_openmp
 @pytest.mark.parametrize("bias", [True, False])
 def test_blas_gemv_step_matches_float64(bias):
     linear = torch.nn.Linear(300, 70, bias=bias)
@@ -95,6 +98,15 @@ def test_blas_gemv_step_matches_float64(bias):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
 
 
+@pytest.fixture()
+def two_torch_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@needs_torch_openmp
 def test_blas_decode_is_used_only_where_it_pays(monkeypatch):
     model, _ = lmstack.load("tiny-gpt2", random_init=True, seed=0)
     view = packed_view(model.eval())
@@ -109,16 +121,23 @@ def test_blas_decode_is_used_only_where_it_pays(monkeypatch):
     assert not blas_decode_pays(view, 2, 1)  # several rows: oneDNN's GEMM is faster than BLAS there
     monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 1)
     assert not blas_decode_pays(view, 1, 1)  # a one-thread BLAS streams slower than 2-thread oneDNN
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 4)
+    assert not blas_decode_pays(view, 1, 1)  # BLAS would use cores the user kept from torch
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 1)
+    assert not blas_decode_pays(view, 1, 1)  # torch limited to one thread: nothing to gain
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 2)
     monkeypatch.setenv("LMSTACK_CPU_BLAS_GEMV", "0")
     assert not blas_decode_pays(view, 1, 1)
 
 
-def test_generate_through_blas_steps_equals_the_plain_model(monkeypatch):
+@needs_torch_openmp
+def test_generate_through_blas_steps_equals_the_plain_model(monkeypatch, two_torch_threads):
     model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
     randomize_(model, seed=3, std=0.15).eval()
     monkeypatch.setattr(cpu_packing, "KV_TO_WEIGHT_BYTES", 1e9)  # every batch-1 step of this tiny model
-    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: torch.get_num_threads())
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 2)
     blas_rows = []
     forward = PackedLinear.forward
     monkeypatch.setattr(PackedLinear, "forward",
@@ -134,23 +153,58 @@ def test_generate_through_blas_steps_equals_the_plain_model(monkeypatch):
     assert max(abs(a - b) for a, b in zip(fast.logprobs, plain.logprobs)) < 1e-5
 
 
-def test_decoding_in_several_python_threads_restores_the_thread_count(monkeypatch):
+@needs_torch_openmp
+def test_blas_steps_in_several_python_threads_change_only_their_own_thread(monkeypatch, two_torch_threads):
+    """OpenMP's team size is per OS thread: each decoding thread runs its steps on one thread and
+    gets its own count back; other threads, and threads started meanwhile, keep torch's count."""
     import threading
 
     model, _ = lmstack.load("tiny-gpt2", random_init=True, seed=0)
     model.eval()
     monkeypatch.setattr(cpu_packing, "KV_TO_WEIGHT_BYTES", 1e9)
-    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 64)
-    threads = torch.get_num_threads()
-    config = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 2)
+    inside, in_step = [], threading.Event()
+    forward = PackedLinear.forward
+
+    def watched(self, x):
+        if _blas_step.active:
+            inside.append(torch.get_num_threads())
+            in_step.set()
+        return forward(self, x)
+
+    monkeypatch.setattr(PackedLinear, "forward", watched)
+    config = GenerationConfig(max_new_tokens=30, ignore_eos=True)
     prompt = torch.randint(0, 256, (5,)).tolist()
     expected = generate(model, [prompt], config, decoder=Decoder(model))[0].outputs[0].token_ids
-    results = []
-    workers = [threading.Thread(target=lambda: results.append(
-        generate(model, [prompt], config)[0].outputs[0].token_ids)) for _ in range(4)]
+    results, counts = [], []
+
+    def decode():
+        before = torch.get_num_threads()
+        results.append(generate(model, [prompt], config)[0].outputs[0].token_ids)
+        counts.append((before, torch.get_num_threads()))
+
+    def newcomer():  # its first torch call lands while the others are mid-decode
+        in_step.wait()
+        counts.append(("new", torch.get_num_threads()))
+
+    workers = [threading.Thread(target=decode) for _ in range(3)] + [threading.Thread(target=newcomer)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    assert results == [expected] * 4
-    assert torch.get_num_threads() == threads  # no interleaving of save/restore left it at 1
+    assert results == [expected] * 3
+    assert inside and set(inside) == {1}  # every BLAS step ran torch's ops on one thread
+    assert sorted(counts, key=str) == sorted([(2, 2)] * 3 + [("new", 2)], key=str)
+    assert torch.get_num_threads() == 2
+
+
+def test_forget_drops_a_copy_that_data_writes_left_stale():
+    model, _ = lmstack.load("tiny-gpt2", random_init=True, seed=0)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 9))
+    first = packed_view(model)
+    model.layers[0].mlp.up.weight.data.mul_(3.0)  # no version counter sees this
+    assert packed_view(model) is first
+    cpu_packing.forget(model)
+    with torch.inference_mode():
+        assert (packed_view(model)(ids).logits - model(ids).logits).abs().max() <= 1e-5

@@ -150,7 +150,7 @@ def test_max_tokens_none_fills_the_context():
     (GenerationConfig(), [300], "token id 300 outside the vocabulary"),
     (GenerationConfig(logprobs=True), [1], r"logprobs=True must be None or an integer in \[0, 20\]"),
     (GenerationConfig(n=True), [1], "n=True must be an integer >= 1"),
-    (SamplingParams(max_tokens=0), [1], r"max_tokens=0 \(score the prompt, generate nothing\) is for the engine"),
+    (SamplingParams(max_tokens=0), [1], r"max_tokens=0 \(score the prompt, generate nothing\) is for the engine: lmstack.LLM"),
 ])
 def test_invalid_options_fail_before_any_work(config, prompt, match, monkeypatch):
     model = _model()

@@ -105,3 +105,10 @@ def test_tokenizer_text_prompt_and_batch(tiny):
     alone = generate(model, "To be", GenerationConfig(max_new_tokens=5, ignore_eos=True), tok)[0]
     assert outs[1].outputs[0].text == alone.outputs[0].text
     assert torch.tensor(outs[0].prompt_token_ids).tolist() == tok.encode("The quick", add_special_tokens=True)
+
+
+def test_chat_session_refuses_max_new_tokens_0(tiny):
+    """0 means 'score only' in the engine; a chat turn must generate, so it is an error, not 'unset'."""
+    model, tok = tiny
+    with pytest.raises(ConfigError, match=r"max_tokens=0 \(score the prompt, generate nothing\) is for the engine"):
+        ChatSession(model, tok, GenerationConfig(max_new_tokens=0))

@@ -170,7 +170,7 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     ("top_k", -3, "top_k=-3"),
     ("min_p", 1.5, "min_p=1.5"),
     ("repetition_penalty", 0.0, "repetition_penalty=0.0"),
-    ("max_tokens", 0, "max_tokens=0"),
+    ("max_tokens", -1, r"max_tokens=-1 must be an integer >= 0 \(0: score the prompt only"),
     ("logprobs", 50, "logprobs=50"),
 ])
 def test_invalid_options_are_clear_errors(field, value, match):

@@ -53,3 +53,8 @@ def test_a_broken_request_template_is_400_naming_the_field(trusting, template, n
     assert err["param"] == "chat_template", err
     assert "the request's chat_template could not render these messages" in err["message"]
     assert needle in err["message"], err["message"]
+
+
+def test_tokenize_refuses_a_template_without_messages(trusting):
+    err = api_error(trusting.post("/tokenize", json={"prompt": "hello", "chat_template": TEMPLATE}), 400)
+    assert err["param"] == "chat_template" and "chat_template applies to messages" in err["message"], err

@@ -75,4 +75,4 @@ def test_resume_says_which_newer_step_directories_it_passes_over(tmp_path, capsy
     err = capsys.readouterr().err
     assert trainer.step == 2
     assert f"--resume passes over {manual}: no trainer_state/state.pt there" in err
-    assert "resuming from step-00000002" in err
+    assert "resuming from step-00000002" in err and "move it out of checkpoints/ to keep it" in err
