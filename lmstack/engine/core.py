@@ -139,7 +139,7 @@ class EngineCore:
         self._request_ids = itertools.count()
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
-        self._sampling_cache: tuple[tuple[int, ...], SamplingTensors] | None = None
+        self._sampling_cache: tuple[tuple[int, ...], SamplingTensors, dict[int, bool]] | None = None
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self._inflight: _Launched | None = None  # launched, not read back yet (overlapped scheduling)
@@ -407,13 +407,17 @@ class EngineCore:
         cached = self._sampling_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        if cached is not None and set(key) <= set(cached[0]):  # some finished: keep the others' rows
+        # Some finished: keep the others' rows, unless one that left needed token counts
+        # (penalties, min_tokens): its flags would stay on and ask for counts the overlapped
+        # step cannot give (its newest tokens are still on the device).
+        if cached is not None and set(key) <= set(cached[0]) and not any(
+                needs for seq_id, needs in cached[2].items() if seq_id not in key):
             row = {seq_id: i for i, seq_id in enumerate(cached[0])}
             tensors = _select_rows(cached[1], [row[seq_id] for seq_id in key])
         else:
             tensors = SamplingTensors.from_params([seq.params for seq in seqs], self.vocab_size, self.device,
                                                   self.eos_token_ids, generators=[seq.generator for seq in seqs])
-        self._sampling_cache = (key, tensors)
+        self._sampling_cache = (key, tensors, {seq.seq_id: seq.request.needs_sync for seq in seqs})
         return tensors
 
     def _token_counts(self, seqs: list[Sequence]) -> TokenCounts:
@@ -421,6 +425,8 @@ class EngineCore:
                                           self.vocab_size, self.device)
         for i, seq in enumerate(seqs):
             out = seq.output_token_ids
+            if out and out[-1] == PLACEHOLDER:  # a token still on the device: this step must not overlap
+                raise RuntimeError(f"sequence {seq.seq_id} needs token counts while its last token is in flight")
             if out:
                 ids = torch.tensor(out, device=self.device)
                 counts.output_counts[i].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))

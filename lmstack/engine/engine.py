@@ -183,6 +183,7 @@ class AsyncEngine:
         self._stats = self.core.stats()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._exited = False  # the engine thread has returned: commands are answered at once
         self.error: BaseException | None = None
 
     @property
@@ -204,7 +205,8 @@ class AsyncEngine:
         self._check_alive()
         request = self.core.make_request(prompt, params, request_id, priority, stream=True)
         stream = RequestStream(self, request.request_id)
-        with self._cond:
+        with self._cond:  # again under the lock: the engine may have died while the prompt was tokenized
+            self._check_alive()
             if request.request_id in self._streams:
                 from lmstack.errors import RequestError
 
@@ -263,11 +265,41 @@ class AsyncEngine:
 
     def _post(self, command: tuple) -> None:
         with self._cond:
-            self._commands.append(command)
-            self._cond.notify()
+            if not self._exited:
+                self._commands.append(command)
+                self._cond.notify()
+                return
+        self._answer_unrun(command)
+
+    def _answer_unrun(self, command: tuple) -> None:
+        """A command the engine thread will never run: end its stream or release its caller."""
+        kind, payload, done = command
+        if kind == "add":
+            with self._cond:
+                stream = self._streams.pop(payload.request_id, None)
+            if stream is not None:
+                stream.put(self._dead_error())
+        if done is not None:
+            _resolve_threadsafe(done)
+
+    def _dead_error(self) -> EngineDeadError:
+        if self.error is not None:
+            return EngineDeadError(f"the engine stopped after an internal error: {self.error!r}")
+        return EngineDeadError("the engine is shutting down")
 
     # ---- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # whatever ended the loop, nothing posted later or still queued may wait forever
+            with self._cond:
+                self._exited = True
+                unrun = list(self._commands)
+                self._commands.clear()
+            for command in unrun:
+                self._answer_unrun(command)
+
+    def _loop(self) -> None:
         core = self.core
         while True:
             with self._cond:
@@ -307,7 +339,7 @@ class AsyncEngine:
                 self._deliver(out)
         self._stats = self.core.stats()  # before `abort` returns, so callers see the freed blocks
         if done is not None:
-            done.get_loop().call_soon_threadsafe(_resolve, done)
+            _resolve_threadsafe(done)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -319,11 +351,11 @@ class AsyncEngine:
         stream.put(out)
 
     def _fail(self, err: BaseException) -> None:
-        self.error = err
-        dead = EngineDeadError(f"the engine stopped after an internal error: {err!r}")
-        with self._cond:
+        with self._cond:  # add_request checks `error` under this lock: no stream registers after this
+            self.error = err
             streams = list(self._streams.values())
             self._streams.clear()
+        dead = self._dead_error()
         for stream in streams:
             stream.put(dead)
 
@@ -331,6 +363,13 @@ class AsyncEngine:
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _resolve_threadsafe(future: asyncio.Future) -> None:
+    try:
+        future.get_loop().call_soon_threadsafe(_resolve, future)
+    except RuntimeError:  # its event loop is closed: nobody waits for it any more
+        pass
 
 
 def _merge(acc: RequestOutput, delta: RequestOutput) -> RequestOutput:

@@ -202,3 +202,16 @@ def test_llm_on_cuda_equals_each_prompt_alone():
     assert sized.stats().kv_blocks_total > 100
     again = sized.generate(ps, SamplingParams(max_tokens=10, **GREEDY))
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("option", [dict(repetition_penalty=1.2), dict(min_tokens=2), dict(presence_penalty=0.5)])
+def test_a_request_needing_token_counts_finishing_beside_others_under_async_scheduling(option):
+    """Its sampling flags must leave with it: the survivors' steps overlap again and have no
+    host copy of their newest token to count (this crashed the engine for every request)."""
+    model = tiny_model("llama")
+    a, b = prompts([5, 7], seed=4)
+    llm = LLM(model, block_size=4, num_blocks=64, async_scheduling=True)
+    outs = llm.generate([a, b], [SamplingParams(max_tokens=3, **GREEDY, **option), SamplingParams(max_tokens=12, **GREEDY)])
+    assert outs[0].outputs[0].token_ids == alone(model, a, 3, **option).outputs[0].token_ids
+    assert outs[1].outputs[0].token_ids == alone(model, b, 12).outputs[0].token_ids
+    assert llm.engine.stats().kv_blocks_used == 0
