@@ -491,7 +491,8 @@ class EngineCore:
             prompt_token_ids=request.prompt_token_ids, outputs=completions, prompt=request.prompt,
             prompt_logprobs=request.prompt_logprobs, prompt_top_logprobs=request.prompt_top_logprobs,
             request_id=request.request_id, finished=finished,
-            num_cached_tokens=max((s.num_cached_tokens for s in request.sequences), default=0),
+            # sample 0's: later samples reuse the prompt blocks sample 0 computed, not an earlier request's
+            num_cached_tokens=request.sequences[0].num_cached_tokens if request.sequences else 0,
             metrics=request.metrics,
         )
 

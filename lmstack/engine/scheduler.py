@@ -136,8 +136,12 @@ class Scheduler:
         self.add(seq)
 
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
+            if self._waits_for_first_sample(seq):
+                i += 1
+                continue
             first_time = seq.request.metrics.first_scheduled_time is None
             hits = self.blocks.cached_prefix(seq, self._cacheable_tokens(seq))
             computed = len(hits) * self.blocks.block_size
@@ -151,7 +155,7 @@ class Scheduler:
             need = self.blocks.blocks_for(computed + n) - len(hits)
             if not self.blocks.can_allocate(need, hits):
                 break  # FCFS: nobody overtakes the head of the queue
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             self.blocks.take_prefix(seq, hits)
             self.blocks.grow(seq, computed + n)
             seq.num_computed_tokens = computed
@@ -164,6 +168,15 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             out.scheduled.append(ScheduledSequence(seq, computed, n))
             budget -= n
+
+    def _waits_for_first_sample(self, seq: Sequence) -> bool:
+        """Samples 1..n-1 of a request start once sample 0 has computed the prompt: its full blocks
+        are then in the prefix cache, so the prompt is computed once, not n times (each later
+        sample computes only the prompt's last, partial block)."""
+        if seq.index == 0 or not self.blocks.enable_prefix_caching:
+            return False
+        first = seq.request.sequences[0]
+        return not first.is_finished and first.num_computed_tokens < first.num_prompt_tokens
 
     @staticmethod
     def _cacheable_tokens(seq: Sequence) -> int:

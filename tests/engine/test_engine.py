@@ -215,3 +215,23 @@ def test_a_request_needing_token_counts_finishing_beside_others_under_async_sche
     assert outs[0].outputs[0].token_ids == alone(model, a, 3, **option).outputs[0].token_ids
     assert outs[1].outputs[0].token_ids == alone(model, b, 12).outputs[0].token_ids
     assert llm.engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_n_samples_compute_the_prompt_once(overlap):
+    """Samples 1..n-1 start once sample 0 has computed the prompt and reuse its cached blocks;
+    each sample still equals a request of its own with seed + j."""
+    model = tiny_model("llama")
+    (prompt,) = prompts([64], seed=1)
+    params = SamplingParams(n=4, max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)
+    llm = LLM(model, block_size=4, num_blocks=256, async_scheduling=overlap)
+    out = llm.generate([prompt], params)[0]
+    stats = llm.engine.stats()
+    # sample 0: 64 prompt tokens; samples 1-3: the last (partial) 4-token block each; then 4 decodes x 4 samples
+    assert stats.computed_tokens_total == 64 + 3 * 4 + 4 * 4
+    assert out.num_cached_tokens == 0  # nothing came from an earlier request
+    for j, sample in enumerate(out.outputs):
+        assert sample.token_ids == alone(model, prompt, 5, temperature=1.0, seed=7 + j).outputs[0].token_ids
+    no_cache = LLM(model, block_size=4, num_blocks=256, enable_prefix_caching=False, async_scheduling=overlap)
+    assert [o.token_ids for o in no_cache.generate([prompt], params)[0].outputs] == [o.token_ids for o in out.outputs]
+    assert no_cache.engine.stats().computed_tokens_total == 4 * 64 + 4 * 4
