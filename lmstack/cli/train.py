@@ -12,6 +12,7 @@ import inspect
 import re
 from typing import Any, Literal
 
+from lmstack.errors import ConfigError
 from lmstack.train.config import TrainConfig
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {"out_dir": "runs/pretrain"}
@@ -34,19 +35,27 @@ def _field_docs() -> dict[str, str]:
 
 def _command(name: str, summary: str, task: str, defaults: dict[str, Any], extra: list[inspect.Parameter],
              extra_docs: dict[str, str]):
-    """A function whose signature is TrainConfig's fields (task fixed), for jsonargparse."""
-    docs = {**_field_docs(), **extra_docs}
-    params = list(extra)
+    """A function whose signature is TrainConfig's fields, for jsonargparse.
+
+    `task` is fixed by the command but still accepted when it matches, so the train_config.yaml
+    saved beside every checkpoint can be passed back with --config to the command that wrote it."""
+    docs = {**_field_docs(), **extra_docs,
+            "task": f"Always {task} for this command (a saved train_config.yaml names it)."}
+    params, defaults = list(extra), {**defaults, "task": task}
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "task":
-            continue
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type))
+        annotation = str if f.name == "task" else f.type  # any text: a mismatch gets the message below
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=annotation))
     extra_names = {p.name for p in extra}
 
     def command(**kwargs: Any) -> None:
         options = {k: v for k, v in kwargs.items() if k not in extra_names}
-        run_training(TrainConfig(task=task, **options))
+        if options["task"] != task:
+            other = {"pretrain": "lmstack pretrain", "sft": "lmstack finetune"}.get(options["task"])
+            raise ConfigError(f"task={options['task']!r} but `lmstack {name}` trains task {task!r}; "
+                              + (f"run this config with `{other}`" if other else "drop task from the config"))
+        run_training(TrainConfig(**options))
 
     command.__name__ = command.__qualname__ = name
     command.__signature__ = inspect.Signature(params)

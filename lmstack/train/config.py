@@ -37,7 +37,7 @@ class TrainConfig:
         min_lr: Learning rate at the end of the decay.
         schedule: cosine (warmup, cosine decay), wsd (warmup, stable, linear decay) or constant (after warmup).
         warmup_steps: Linear warmup steps.
-        decay_steps: Cosine: step where the decay reaches min_lr (default: max_steps). WSD: length of the final decay (default: 20% of max_steps).
+        decay_steps: Cosine: step where the decay reaches min_lr (default: max_steps; at least warmup_steps). WSD: length of the final decay (default: 20% of max_steps; at most max_steps - warmup_steps).
         weight_decay: AdamW weight decay of matrices (norms, biases and embeddings are never decayed unless decay_embeddings).
         decay_embeddings: Also decay embedding tables (nanoGPT does; used to reproduce it).
         beta1: AdamW beta1.
@@ -53,7 +53,7 @@ class TrainConfig:
         pad_vocab_to_multiple: Pad the embedding rows to a multiple of this for speed (outputs and saved files unchanged).
         distributed: How to split work under torchrun: ddp (replicate) or fsdp (FSDP2, shard parameters).
         device: auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK).
-        seed: Random seed (initialisation, data order, dropout).
+        seed: Random seed (initialisation, data order, dropout), in [0, 2**32).
         eval_every: Evaluate validation loss every this many steps (0: only at the end).
         eval_batches: Validation batches per evaluation.
         sample_every: Print a sample generation every this many steps (0: only at the end).
@@ -171,6 +171,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.decay_steps is not None and self.decay_steps <= 0:
             raise ConfigError(f"decay_steps must be positive or unset, got {self.decay_steps!r}")
+        self._check_decay_steps()
+        if not 0 <= self.seed < 2**32:  # NumPy's generators (data order) take no other seeds
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         choices = {"task": ("pretrain", "sft"), "schedule": ("cosine", "wsd", "constant"),
@@ -187,6 +190,18 @@ class TrainConfig:
                               "leave it unset for the default 'The'")
         if not isinstance(self.model_overrides, dict):
             raise ConfigError(f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
+
+    def _check_decay_steps(self) -> None:
+        """A WSD decay that overlaps the warmup (or outlasts the run), or a cosine that ends before
+        the warmup does, never reaches --lr: almost surely a mistake, and a silent one."""
+        d, warmup, steps = self.decay_steps, self.warmup_steps, self.max_steps
+        if self.schedule == "wsd" and d is not None and d > steps - warmup:
+            allowed = f"1..{steps - warmup} (max_steps - warmup_steps)" if steps > warmup else "none (raise max_steps)"
+            raise ConfigError(f"decay_steps={d} with schedule wsd and max_steps={steps}, warmup_steps={warmup}: the "
+                              f"decay would overlap the warmup and never reach lr; allowed: {allowed}")
+        if self.schedule == "cosine" and d is not None and d < warmup:
+            raise ConfigError(f"decay_steps={d} with schedule cosine ends before warmup_steps={warmup}, so lr is "
+                              f"never reached; decay_steps must be >= warmup_steps ({warmup}) or unset (max_steps)")
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

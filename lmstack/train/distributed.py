@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmstack.errors import ConfigError
+from lmstack.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Dist:
 
     def close(self) -> None:
         if self.started_here and dist.is_initialized():
+            dist.barrier()  # no rank tears down while another still talks to it (an abort at exit)
             dist.destroy_process_group()
 
 
@@ -166,8 +167,22 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Inverse of `full_optimizer_state`; every rank passes the same full state and keeps its shard."""
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         source: object = "the checkpoint") -> None:
+    """Inverse of `full_optimizer_state`; every rank passes the same full state and keeps its shard.
+
+    Each moment must have its parameter's shape: torch does not check, and the fused AdamW then
+    writes past the end of a smaller one (heap corruption, not an error)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    params = dict(model.named_parameters())
+    for name, entries in state.get("state", {}).items():
+        param = params.get(name)
+        for key, value in entries.items():
+            if param is not None and torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                raise CheckpointError(
+                    f"optimizer state {key} of parameter {name} in {source} has shape {tuple(value.shape)} but the "
+                    f"parameter has shape {tuple(param.shape)}; resume with the model options the checkpoint was "
+                    "written with (its trainer_state/train_config.yaml), or use another --out_dir"
+                )
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

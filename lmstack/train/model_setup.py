@@ -86,6 +86,11 @@ def check_tokenizers(config: TrainConfig, tokenizer, train_data, val_data) -> No
 
 def apply_overrides(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     """`base` with some fields changed; head_dim and intermediate_size follow a new width unless given."""
+    for key in ("hidden_size", "num_heads"):  # the arithmetic below needs them before ModelConfig checks them
+        value = overrides.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"model_overrides {key} must be a positive integer, got {value!r}; e.g. "
+                              f"{{{key}: {getattr(base, key)}}} (YAML: no quotes)")
     data = base.to_dict()
     if ("hidden_size" in overrides or "num_heads" in overrides) and "head_dim" not in overrides:
         data["head_dim"] = None
@@ -104,10 +109,22 @@ def apply_overrides(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig
         raise ConfigError(f"model_overrides {overrides}: {err}") from None
 
 
+def _check_no_model_options(config: TrainConfig) -> None:
+    """A model passed in trains as built: options that shape a model would be silently ignored."""
+    given = {"dropout": config.dropout is not None, "model_overrides": bool(config.model_overrides),
+             "pad_vocab_to_multiple": config.pad_vocab_to_multiple != TrainConfig.pad_vocab_to_multiple}
+    for name, is_set in given.items():
+        if is_set:
+            raise ConfigError(f"{name}={getattr(config, name)!r} has no effect on a model passed as "
+                              f"Trainer(model=...), which trains as built; leave {name} unset and set it in the "
+                              "model's ModelConfig instead")
+
+
 def model_config_for(config: TrainConfig, model: Transformer | None, data_vocab: int | None,
                      tokenizer) -> ModelConfig:
     """The ModelConfig this run trains, from a given model, an HF directory or a preset."""
     if model is not None:
+        _check_no_model_options(config)
         cfg = model.config
     elif Path(config.model).is_dir():
         from lmstack.checkpoint.hf_config import read_config

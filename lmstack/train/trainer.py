@@ -103,13 +103,13 @@ class Trainer:
                                and not D.is_fsdp(self.raw_model))
         self._pending: deque[PendingLoss] = deque()  # queued steps whose loss the host has not read
         self.step, self.tokens_seen, self.nonfinite_in_a_row, self.elapsed_s = 0, 0, 0, 0.0
+        self.best_val: dict[str, float] | None = None  # lowest validation loss so far (and its step); resumed
         seed_everything(c.seed + rank)  # ranks draw different dropout masks; init above was identical
         if state is not None:
             self._load_state(state)
         self.tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * world
         self.peak_flops = peak_flops(self.device, self.precision)
         self.last_val: dict[str, float] | None = None
-        self.best_val: dict[str, float] | None = None  # lowest validation loss so far (and its step)
         self.last_sample: str | None = None
         self.last_saved_step = self.step if state is not None else -1
         self.grad_norm: torch.Tensor | None = None
@@ -140,6 +140,7 @@ class Trainer:
 
         check_same_shape(read_config(path), self.model_config, path)
         state = load_trainer_state(path)
+        self._check_same_padding(state["model_config"], path)
         if state.get("world_size") != self.dist.world_size:
             raise CheckpointError(
                 f"checkpoint {path} was written by {state.get('world_size')} process(es) but this run has "
@@ -150,8 +151,25 @@ class Trainer:
                               f"raise --max_steps above {state['step']} to train further")
         return path, state
 
+    def _check_same_padding(self, saved: dict[str, Any], path: Path) -> None:
+        """The padded embedding rows are in the optimizer state's shapes, though not in config.json."""
+        multiple = max(1, saved["pad_vocab_to_multiple"])
+        rows = (saved["vocab_size"] + multiple - 1) // multiple * multiple
+        if rows != self.model_config.padded_vocab_size:
+            raise CheckpointError(
+                f"checkpoint {path} pads the vocabulary to {rows} rows (pad_vocab_to_multiple={multiple}) but this "
+                f"run pads it to {self.model_config.padded_vocab_size} (pad_vocab_to_multiple="
+                f"{self.model_config.pad_vocab_to_multiple}); resume with --pad_vocab_to_multiple {multiple}, or "
+                "use another --out_dir to start a new run"
+            )
+
     def _load_state(self, state: dict[str, Any]) -> None:
-        D.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        # the saved groups carry the old run's betas, eps and weight decay: this run's config decides them
+        # (as built by build_optimizer; the lr is set every step)
+        settings = [{k: group[k] for k in ("betas", "eps", "weight_decay")} for group in self.optimizer.param_groups]
+        D.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"], source=self.resume_from)
+        for group, wanted in zip(self.optimizer.param_groups, settings):
+            group.update(wanted)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.train_data.load_state_dict(state["data"][self.dist.rank])
@@ -159,6 +177,13 @@ class Trainer:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.best_val = state.get("best_val")
+
+    def rng_untouched(self):
+        """Run work between steps (evaluations, samples) without moving torch's RNG streams: a
+        resumed run restarts from the streams saved at a checkpoint, so anything drawing from
+        them between steps (sampling noise) would make it diverge from a run that never stopped."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def autocast(self):
         if self.precision == "fp32":
@@ -394,7 +419,8 @@ class Trainer:
         return {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
 
     def evaluate_and_log(self) -> None:
-        result = self.evaluate()
+        with self.rng_untouched():
+            result = self.evaluate()
         if result is None:
             return
         self.last_val = result
@@ -414,11 +440,14 @@ class Trainer:
         room = self.model_config.max_position_embeddings - len(self.tokenizer.encode(c.sample_prompt, True))
         if room < 1:
             return  # the prompt alone fills the context
-        # eager decoding with its own seeded generator: the training RNG stream is left untouched
+        # eager decoding with its own seeded generator; the sampler also draws from torch's global one,
+        # so the training streams are forked around it
         options = GenerationConfig(temperature=0.8, top_k=50, max_new_tokens=min(c.sample_tokens, room), seed=c.seed)
         self.raw_model.eval()  # no dropout; float32 weights, so no autocast (the KV cache is float32 too)
         try:
-            out = generate(self.raw_model, c.sample_prompt, options, self.tokenizer, decoder=Decoder(self.raw_model))
+            with self.rng_untouched():
+                out = generate(self.raw_model, c.sample_prompt, options, self.tokenizer,
+                               decoder=Decoder(self.raw_model))
         finally:
             self.raw_model.train()
         text = c.sample_prompt + (out[0].outputs[0].text or "")
@@ -456,7 +485,7 @@ class Trainer:
                      "scaler": self.scaler.state_dict(), "data": data_states, "rng": rng_states,
                      "world_size": d.world_size, "model_config": self.model_config.to_dict(),
                      "train_config": c.to_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                     "elapsed_s": self.elapsed_s}
+                     "elapsed_s": self.elapsed_s, "best_val": self.best_val}
             path = save_checkpoint(c.out_dir, self.step, write_model, state,
                                    yaml.safe_dump(c.to_dict(), sort_keys=False), c.keep_last)
         self.last_saved_step = self.step

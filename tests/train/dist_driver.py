@@ -39,4 +39,5 @@ if __name__ == "__main__":
                                      pad_token=None)
     run(f"{root}/fsdp", "fsdp", 10, resume=False, tokenizer=byte_tokenizer)
     run(f"{root}/fsdp", "fsdp", 20, resume=True, tokenizer=byte_tokenizer)
+    dist.barrier()  # no rank tears down while another still talks to it (an abort at exit)
     dist.destroy_process_group()

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from train_helpers import toy_trainer
+from train_helpers import Crash, crash_at, toy_trainer
 
 from lmstack.checkpoint.state import latest_checkpoint, list_checkpoints, load_trainer_state
 from lmstack.errors import CheckpointError
+from lmstack.train import distributed as D
 
 
 def test_run_leaves_checkpoints_model_metrics_plot_and_report(tmp_path):
@@ -76,3 +77,50 @@ def test_resume_says_which_newer_step_directories_it_passes_over(tmp_path, capsy
     assert trainer.step == 2
     assert f"--resume passes over {manual}: no trainer_state/state.pt there" in err
     assert "resuming from step-00000002" in err and "move it out of checkpoints/ to keep it" in err
+
+
+def test_resume_with_another_vocab_padding_is_refused(tmp_path):
+    # config.json holds the real vocabulary, but the optimizer's moments have the padded rows
+    toy_trainer(tmp_path, max_steps=2, pad_vocab_to_multiple=64).fit()
+    with pytest.raises(CheckpointError, match=r"step-00000002 pads the vocabulary to 256 rows \(pad_vocab_to_multiple"
+                                              r"=64\) but this run pads it to 300 \(pad_vocab_to_multiple=100\); "
+                                              r"resume with --pad_vocab_to_multiple 64"):
+        toy_trainer(tmp_path, max_steps=4, resume=True, pad_vocab_to_multiple=100)
+
+
+def test_optimizer_state_of_another_shape_is_refused(tmp_path):
+    # torch does not check: the fused AdamW would write past the end of the smaller moment
+    trainer = toy_trainer(tmp_path)
+    trainer.train_step()
+    state = D.full_optimizer_state(trainer.raw_model, trainer.optimizer)
+    state["state"]["embed.weight"]["exp_avg"] = torch.zeros(200, 64)
+    with pytest.raises(CheckpointError, match=r"optimizer state exp_avg of parameter embed.weight in step-7 has "
+                                              r"shape \(200, 64\) but the parameter has shape \(256, 64\)"):
+        D.load_optimizer_state(trainer.raw_model, trainer.optimizer, state, source="step-7")
+
+
+def test_resume_takes_optimizer_settings_from_the_new_config(tmp_path):
+    toy_trainer(tmp_path, max_steps=2).fit()  # weight_decay 0.1, betas (0.9, 0.95), eps 1e-8
+    changed = dict(weight_decay=0.5, beta1=0.8, beta2=0.99, adam_eps=1e-6)
+    resumed = toy_trainer(tmp_path, max_steps=4, resume=True, **changed)
+    fresh = toy_trainer(tmp_path / "fresh", **changed)  # the groups a run started with these options has
+    assert resumed.step == 2 and resumed.optimizer.state  # the moments were loaded
+    settings = [[(g["weight_decay"], g["betas"], g["eps"]) for g in t.optimizer.param_groups] for t in (resumed, fresh)]
+    assert settings[0] == settings[1] == [(0.5, (0.8, 0.99), 1e-6), (0.0, (0.8, 0.99), 1e-6)]
+
+
+def test_best_validation_loss_survives_a_resume(tmp_path):
+    # a high constant lr makes the validation loss rise: the best one is before the checkpoint resumed from
+    settings = dict(max_steps=6, eval_every=2, save_every=4, resume=True, lr=0.3, warmup_steps=0, schedule="constant")
+    full = toy_trainer(tmp_path / "full", **settings).fit()
+    with pytest.raises(Crash):
+        crash_at(toy_trainer(tmp_path / "cut", **settings), 5).fit()
+    resumed = toy_trainer(tmp_path / "cut", **settings)
+    assert resumed.step == 4
+    summary = resumed.fit()
+    assert full["best val step"] < 4 and full["best val loss"] < full["val loss"]
+    for key in ("val loss", "best val loss", "best val step"):
+        assert summary[key] == full[key], key
+    best = [[line for line in (tmp_path / run / "report.md").read_text().splitlines() if "best val" in line]
+            for run in ("full", "cut")]
+    assert len(best[0]) == 2 and best[0] == best[1]

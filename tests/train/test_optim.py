@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lmstack
+from lmstack.errors import ConfigError
 from lmstack.train.config import TrainConfig
 from lmstack.train.optim import lr_at, param_groups
 
@@ -52,3 +53,20 @@ def test_wsd_is_stable_then_decays_linearly():
     ours = [lr_at(79 + i, cfg) for i in range(21)]
     assert max(abs(a - b) for a, b in zip(ours, ref)) < 1e-12
     assert lr_at(99, cfg) == 0.0 and math.isclose(lr_at(89, cfg), 5e-4)
+
+
+@pytest.mark.parametrize("schedule, decay_steps, message", [
+    ("wsd", 11, r"decay_steps=11 with schedule wsd and max_steps=10, warmup_steps=4: the decay would overlap the "
+                r"warmup and never reach lr; allowed: 1\.\.6 \(max_steps - warmup_steps\)"),
+    ("wsd", 7, r"decay_steps=7 with schedule wsd .* allowed: 1\.\.6"),
+    ("cosine", 3, r"decay_steps=3 with schedule cosine ends before warmup_steps=4, so lr is never reached; "
+                  r"decay_steps must be >= warmup_steps \(4\)"),
+])
+def test_decay_steps_that_never_reach_lr_are_refused(schedule, decay_steps, message):
+    settings = dict(lr=1.0, min_lr=0.1, max_steps=10, warmup_steps=4, schedule=schedule)
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**settings, decay_steps=decay_steps)
+    # the edge is accepted: WSD with no stable step; a cosine at lr for exactly the step after warmup
+    cfg = TrainConfig(**settings, decay_steps={"wsd": 6, "cosine": 4}[schedule])
+    assert cfg.decay_steps in (6, 4)
+

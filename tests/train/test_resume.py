@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 from safetensors.torch import load_file
 from toy_data import ToyTokenDataset
-from train_helpers import RESUME_RUN, losses, tiny_config
+from train_helpers import RESUME_RUN, Crash, crash_at, losses, tiny_config
 
 from lmstack.train import Trainer
 
@@ -57,3 +59,29 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     a = load_file(reference / "model" / "model.safetensors")
     b = load_file(killed / "model" / "model.safetensors")
     assert all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+def test_resume_with_dropout_and_samples_matches_uninterrupted_run(tmp_path):
+    """Sampling draws noise from torch's global RNG between steps; a resumed run restarts from the
+    streams saved at the checkpoint, so the sample must leave the training streams where they were."""
+    from lmstack.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(["ab" * 64], 256, special_tokens=[], bos_token=None, eos_token=None, pad_token=None)
+    settings = dict(max_steps=8, save_every=4, sample_every=2, sample_tokens=4, eval_every=4, dropout=0.1,
+                    resume=True)
+
+    def trainer(out_dir):
+        config = tiny_config(out_dir, **settings)
+        return Trainer(config, tokenizer=tokenizer, train_data=ToyTokenDataset(config.seq_len),
+                       val_data=ToyTokenDataset(config.seq_len, split="val"))
+
+    trainer(tmp_path / "reference").fit()
+    with pytest.raises(Crash):
+        crash_at(trainer(tmp_path / "cut"), 6).fit()  # samples at 2, 4 (after the checkpoint) and 6 were drawn
+    resumed = trainer(tmp_path / "cut")
+    assert resumed.step == 4
+    resumed.fit()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "reference")  # bitwise
+    a = load_file(tmp_path / "reference" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -94,3 +94,32 @@ def test_data_vocabulary_larger_than_the_model(tmp_path):
     with pytest.raises(DataError, match="vocabulary of 300 tokens but model .* has vocab_size=256"):
         Trainer(tiny_config(tmp_path / "out", model=str(tmp_path / "m")),
                 train_data=ToyTokenDataset(16, vocab_size=300))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+def test_a_seed_numpy_cannot_take_is_refused_up_front(tmp_path, seed):
+    with pytest.raises(ConfigError, match=rf"seed must be an integer in \[0, 2\*\*32\), got {seed}"):
+        tiny_config(tmp_path, seed=seed)
+    assert tiny_config(tmp_path, seed=2**32 - 1).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"hidden_size": "256"}, "model_overrides hidden_size must be a positive integer, got '256'"),
+    ({"hidden_size": None}, "model_overrides hidden_size must be a positive integer, got None"),
+    ({"num_heads": "4"}, "model_overrides num_heads must be a positive integer, got '4'"),
+    ({"num_heads": 2.0}, "model_overrides num_heads must be a positive integer, got 2.0"),
+])
+def test_model_overrides_that_are_not_integers_are_named(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        toy_trainer(tmp_path, model_overrides=overrides)
+
+
+@pytest.mark.parametrize("option, value", [("dropout", 0.2), ("pad_vocab_to_multiple", 100),
+                                           ("model_overrides", {"num_layers": 1})])
+def test_model_options_with_a_model_object_are_refused(tmp_path, option, value):
+    model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
+    with pytest.raises(ConfigError, match=rf"{option}=.* has no effect on a model passed as Trainer\(model=...\), "
+                                          rf"which trains as built; leave {option} unset"):
+        Trainer(tiny_config(tmp_path, **{option: value}), model=model, train_data=ToyTokenDataset(16))
+    trainer = Trainer(tiny_config(tmp_path), model=model, train_data=ToyTokenDataset(16))  # defaults are fine
+    assert trainer.raw_model is model

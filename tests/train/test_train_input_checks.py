@@ -173,3 +173,21 @@ def test_quickstart_refuses_a_time_budget_that_is_not_positive(tmp_path, minutes
     with pytest.raises(ConfigError, match=f"--minutes {minutes} must be a positive number of minutes"):
         run_quickstart(out_dir=str(tmp_path / "qs"), device="cpu", minutes=minutes)
     assert not (tmp_path / "qs").exists()
+
+
+def test_a_checkpoints_train_config_yaml_reruns_the_same_run(tmp_path, two_tokenizers, capsys):
+    from safetensors.torch import load_file
+    from train_helpers import losses
+
+    assert run(tmp_path, "--data", str(two_tokenizers["a"][1]), "--log_every", "1", "--dropout", "0.1") == 0
+    saved = tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state" / "train_config.yaml"
+    assert "task: pretrain" in saved.read_text()
+    assert main(["pretrain", "--config", str(saved), "--out_dir", str(tmp_path / "again")]) == 0
+    assert losses(tmp_path / "again") == losses(tmp_path / "run")  # the file describes the whole run
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("run", "again"))
+    assert all(a[k].equal(b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["finetune", "--config", str(saved), "--out_dir", str(tmp_path / "ft")]) == 2
+    assert ("task='pretrain' but `lmstack finetune` trains task 'sft'; run this config with `lmstack pretrain`"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "ft").exists()

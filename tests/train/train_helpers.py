@@ -45,6 +45,23 @@ DIST_RUN = dict(max_steps=20, batch_size=4, schedule="constant", warmup_steps=3,
                 lr=3e-3)
 
 
+class Crash(Exception):
+    """Raised by `crash_at`: a run dying in the middle of training."""
+
+
+def crash_at(trainer: Trainer, step: int) -> Trainer:
+    """Make `trainer.fit()` raise Crash once `step` steps are done (an in-process stand-in for a kill)."""
+    launch = trainer.launch_step
+
+    def launch_or_crash():
+        if trainer.step == step:
+            raise Crash(f"stopped after step {step}")
+        launch()
+
+    trainer.launch_step = launch_or_crash
+    return trainer
+
+
 class ListData:
     """Serves fixed batches in order (SFT-style dicts or pretraining pairs)."""
 
