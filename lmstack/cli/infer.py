@@ -168,6 +168,9 @@ def generate(
     if draft_model is not None:
         from lmstack.infer.speculative import speculative_generate
 
+        if stream:
+            raise ConfigError("--stream is not available with --draft_model: speculative decoding prints each answer "
+                              "whole; drop one of them")
         draft, _ = _load(draft_model, device, dtype, need_tokenizer=False)
         results = []
         for ids in prompts:
@@ -189,10 +192,10 @@ def generate(
 
         print(json.dumps([dataclasses.asdict(r) for r in results], indent=2, ensure_ascii=False))
         return
-    for r in results:
+    for i, r in enumerate(results):
         for out in r.outputs:
             if len(results) > 1 or len(r.outputs) > 1:
-                print(f"--- prompt {results.index(r)}, output {out.index} ({out.finish_reason})")
+                print(f"--- prompt {i}, output {out.index} ({out.finish_reason})")
             print(out.text)
             if out.logprobs is not None:
                 for token, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs):

@@ -215,7 +215,7 @@ class EngineCore:
         request.needs_sync = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                               or params.frequency_penalty != 0.0 or params.min_tokens > 0)
         for j in range(params.n):
-            p = params if params.seed is None else params.replace(seed=params.seed + j)
+            p = params if params.seed is None else params.replace(seed=params.seed + j, n=1)
             state = SequenceState(j, p, max_tokens, self.eos_token_ids, self.tokenizer)
             seq = Sequence(next(self._seq_ids), request, j, list(ids), len(ids), state=state,
                            generator=make_generator(p.seed, self.device), params=p)

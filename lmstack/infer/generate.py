@@ -165,7 +165,7 @@ def _loop(model, plan: Plan, tokenizer, decoder: Decoder | None, states_out: lis
     decoder = decoder or make_decoder(model)
     device = decoder.device
     rows = [p for p in plan.prompts for _ in range(n)]
-    row_params = [cfg if cfg.seed is None else cfg.replace(seed=cfg.seed + j)
+    row_params = [cfg if cfg.seed is None else cfg.replace(seed=cfg.seed + j, n=1)
                   for _ in plan.prompts for j in range(n)]  # sample j of a seeded request uses seed + j
     states = [SequenceState(j % n, p, plan.max_new_tokens, plan.eos_token_ids, tokenizer)
               for j, p in enumerate(row_params)]
@@ -238,13 +238,15 @@ def generate(model, prompts: Prompts, config: GenerationConfig | SamplingParams 
     if p.config.num_beams > 1:
         from lmstack.infer.beam import beam_search
 
-        return beam_search(model, p, tokenizer, decoder or make_decoder(model))
-    states: list[SequenceState] = []
-    for _ in _loop(model, p, tokenizer, decoder, states):
-        pass
-    n = p.config.n
-    results = [RequestOutput(prompt_token_ids=ids, prompt=text, outputs=[s.out for s in states[i * n:(i + 1) * n]])
-               for i, (ids, text) in enumerate(zip(p.prompts, p.texts))]
+        results = beam_search(model, p, tokenizer, decoder or make_decoder(model))
+    else:
+        states: list[SequenceState] = []
+        for _ in _loop(model, p, tokenizer, decoder, states):
+            pass
+        n = p.config.n
+        results = [RequestOutput(prompt_token_ids=ids, prompt=text,
+                                 outputs=[s.out for s in states[i * n:(i + 1) * n]])
+                   for i, (ids, text) in enumerate(zip(p.prompts, p.texts))]
     if p.config.prompt_logprobs is not None:
         for r in results:
             r.prompt_logprobs = prompt_logprobs(model, r.prompt_token_ids)

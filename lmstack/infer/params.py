@@ -84,8 +84,9 @@ class SamplingParams:
                "stop", self.stop, "must be a string or a list of strings")
         _check(all(math.isfinite(v) for v in (self.logit_bias or {}).values()), "logit_bias", self.logit_bias,
                "must map token ids to finite biases (use banned_token_ids to forbid a token)")
-        _check(self.seed is None or (is_int(self.seed) and -2**63 <= self.seed < 2**64), "seed", self.seed,
-               "must be an integer that fits in 64 bits")
+        extra_samples = self.n - 1 if is_int(self.n) and self.n > 1 else 0  # sample j of n uses seed + j
+        _check(self.seed is None or (is_int(self.seed) and -2**63 <= self.seed and self.seed + extra_samples < 2**64),
+               "seed", self.seed, "must be an integer that fits in 64 bits (sample j of n uses seed + j)")
         _check(is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 means greedy)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
@@ -169,6 +170,8 @@ class GenerationConfig(SamplingParams):
                    "must be 0 with num_beams > 1 (beam search is deterministic here)")
             _check(not self.stop_strings, "stop", self.stop,
                    "is not supported with beam search; use stop_token_ids or num_beams=1")
+            _check(self.logprobs is None, "logprobs", self.logprobs,
+                   "is not returned by beam search (a beam's score is in cumulative_logprob); use num_beams=1")
         return self
 
 

@@ -17,15 +17,16 @@ import torch
 from lmstack.errors import ConfigError
 from lmstack.infer.decoder import Decoder, make_decoder
 from lmstack.infer.outputs import RequestOutput
-from lmstack.infer.sampling import SamplingTensors, make_generator, process_logits
+from lmstack.infer.sampling import SamplingTensors, logprobs_of, make_generator, process_logits
 from lmstack.infer.stopping import SequenceState
 
 
 @dataclass
 class SpeculativeStats:
     proposed: int = 0  # draft tokens proposed
-    accepted: int = 0  # of which the target accepted
+    accepted: int = 0  # of which the target accepted (the verification rule's count)
     target_passes: int = 0  # target forwards (one per round, plus none for the prompt)
+    emitted: int = 0  # tokens in the output (a stop can end a round before its accepted tokens)
 
     @property
     def acceptance_rate(self) -> float:
@@ -34,7 +35,7 @@ class SpeculativeStats:
     @property
     def tokens_per_pass(self) -> float:
         """Tokens emitted per target forward (1.0 is plain decoding)."""
-        return (self.accepted + self.target_passes) / self.target_passes if self.target_passes else 0.0
+        return self.emitted / self.target_passes if self.target_passes else 0.0
 
 
 def accept_tokens(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, greedy: bool,
@@ -80,6 +81,9 @@ def speculative_generate(target, draft, prompt: list[int], config=None, tokenize
     if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty or cfg.min_tokens:
         raise ConfigError("speculative decoding does not support penalties or min_tokens; drop them or decode "
                           "without a draft model")
+    if cfg.prompt_logprobs is not None:
+        raise ConfigError("speculative decoding does not return prompt_logprobs; lmstack.infer.prompt_logprobs(model, "
+                          "ids) scores a prompt")
     if len(p.prompts[0]) + p.max_new_tokens + num_draft_tokens > draft.config.max_position_embeddings:
         raise ConfigError(f"the draft model's context ({draft.config.max_position_embeddings}) is too short for "
                           f"this prompt + max_new_tokens + num_draft_tokens")
@@ -101,32 +105,52 @@ def speculative_generate(target, draft, prompt: list[int], config=None, tokenize
         return x if greedy else torch.softmax(x, dim=-1)
 
     while not state.finished:
-        # the draft proposes k tokens
-        d_logits = ddec.extend(torch.tensor([pending_d], device=device))[0, -1:]
+        # at most as many proposals as tokens may still follow the round's own: the target never
+        # reads past its context, and no accepted token is cut by max_new_tokens
+        kr = min(k, p.max_new_tokens - len(state.out.token_ids) - 1)
         proposal, q_rows = [], []
-        for i in range(k):
-            q = probs(d_logits)[0]
-            token = int(q.argmax()) if greedy else int(torch.multinomial(q, 1, generator=gen))
-            proposal.append(token)
-            q_rows.append(q)
-            if i < k - 1:
-                d_logits = ddec.decode(torch.tensor([token], device=device))
-        # the target scores pending + proposal in one pass
-        t_logits = tdec.extend(torch.tensor([pending_t + proposal], device=device))[0, -(k + 1):]
+        if kr > 0:  # the draft proposes kr tokens
+            d_logits = ddec.extend(torch.tensor([pending_d], device=device))[0, -1:]
+            for i in range(kr):
+                q = probs(d_logits)[0]
+                token = int(q.argmax()) if greedy else int(torch.multinomial(q, 1, generator=gen))
+                proposal.append(token)
+                q_rows.append(q)
+                if i < kr - 1:
+                    d_logits = ddec.decode(torch.tensor([token], device=device))
+        # the target scores pending + proposal in one pass (a plain step when nothing is proposed)
+        t_logits = tdec.extend(torch.tensor([pending_t + proposal], device=device))[0, -(kr + 1):]
         stats.target_passes += 1
-        n, next_token = accept_tokens(probs(t_logits), torch.stack(q_rows), torch.tensor(proposal, device=device),
-                                      greedy, gen)
-        stats.proposed += k
+        if kr > 0:
+            n, next_token = accept_tokens(probs(t_logits), torch.stack(q_rows),
+                                          torch.tensor(proposal, device=device), greedy, gen)
+        else:
+            x = probs(t_logits)[0]
+            n, next_token = 0, int(x.argmax()) if greedy else int(torch.multinomial(x, 1, generator=gen))
+        stats.proposed += kr
         stats.accepted += n
-        tdec.crop(tdec.length - (k - n))
-        if n <= k - 1:
-            ddec.crop(ddec.length - (k - 1 - n))
+        tdec.crop(tdec.length - (kr - n))
+        if kr == 0:
+            pending_d = pending_d + [next_token]  # the draft has not read pending_d yet
+        elif n <= kr - 1:
+            ddec.crop(ddec.length - (kr - 1 - n))
             pending_d = [next_token]
         else:
             pending_d = [proposal[-1], next_token]
         pending_t = [next_token]
-        for token in proposal[:n] + [next_token]:
-            state.append(token)
+        emitted = proposal[:n] + [next_token]
+        logprobs = None
+        if cfg.logprobs is not None:  # the target's own distribution at each emitted position
+            chosen, top_vals, top_ids = logprobs_of(t_logits[: n + 1], torch.tensor(emitted, device=device),
+                                                    cfg.logprobs)
+            logprobs = (chosen.tolist(), [dict(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist())]
+                        if top_ids is not None else [{}] * len(emitted))
+        for j, token in enumerate(emitted):
+            if logprobs is not None:
+                state.append(token, logprobs[0][j], logprobs[1][j])
+            else:
+                state.append(token)
+            stats.emitted += 1
             if state.finished:
                 break
     return RequestOutput(prompt_token_ids=list(ids), outputs=[state.out]), stats

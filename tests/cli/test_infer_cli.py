@@ -155,3 +155,16 @@ def test_a_broken_generation_config_is_named_not_ignored(model_dir, tmp_path, ca
         (broken / "generation_config.json").write_text(text)
         code, _, err = main_cli(capsys, "generate", str(broken), *args)
         assert code == 2 and f"{broken / 'generation_config.json'}" in err and message in err
+
+
+def test_repeated_prompts_are_labelled_by_position_and_stream_with_a_draft_is_refused(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\nHello\nTo be\n")
+    code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt_file", str(prompts), "--max_new_tokens",
+                              "3", "--device", "cpu")
+    assert code == 0, err
+    assert [line.split(",")[0] for line in out.splitlines() if line.startswith("--- prompt")] == \
+        ["--- prompt 0", "--- prompt 1", "--- prompt 2"]  # the third is not "prompt 0" again
+    code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--draft_model",
+                              str(model_dir), "--stream", "true", "--device", "cpu")
+    assert code == 2 and "--stream is not available with --draft_model" in err

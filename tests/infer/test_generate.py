@@ -157,3 +157,22 @@ def test_invalid_options_fail_before_any_work(config, prompt, match, monkeypatch
     monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("the model ran"))
     with pytest.raises(ConfigError, match=match):
         generate(model, prompt, config)
+
+
+def test_beam_search_returns_prompt_logprobs_and_refuses_token_logprobs():
+    model = _model()
+    prompt = [5, 9, 11, 3]
+    beams = generate(model, prompt, GenerationConfig(num_beams=2, max_new_tokens=4, prompt_logprobs=0))[0]
+    assert beams.prompt_logprobs == generate(model, prompt, GenerationConfig(max_new_tokens=1, prompt_logprobs=0)
+                                             )[0].prompt_logprobs
+    assert beams.prompt_logprobs[0] is None and len(beams.prompt_logprobs) == len(prompt)
+    with pytest.raises(ConfigError, match="logprobs=2 is not returned by beam search"):
+        generate(model, prompt, GenerationConfig(num_beams=2, logprobs=2))
+
+
+def test_a_seed_whose_later_samples_overflow_is_refused_up_front():
+    model = _model()
+    assert generate(model, [1], GenerationConfig(seed=2**64 - 2, n=2, max_new_tokens=2, temperature=1.0))
+    with pytest.raises(ConfigError, match=r"seed=18446744073709551615 must be an integer that fits in 64 bits "
+                                          r"\(sample j of n uses seed \+ j\)"):
+        generate(model, [1], GenerationConfig(seed=2**64 - 1, n=2, max_new_tokens=2, temperature=1.0))

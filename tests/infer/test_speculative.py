@@ -90,3 +90,40 @@ def test_greedy_with_static_cache_decoders():
                                   target_decoder=CompiledDecoder(target, compile=False),
                                   draft_decoder=CompiledDecoder(draft, compile=False))
     assert out.outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_reaches_the_end_of_a_learned_position_context(k):
+    """GPT-2's position table ends at its context: no round may verify past it (it crashed)."""
+    import dataclasses
+
+    from lmstack.config import get_preset
+
+    target = _model("gpt2", 1)
+    longer = dataclasses.replace(get_preset("tiny-llama"), max_position_embeddings=512)
+    draft = randomize_(lmstack.load("tiny-llama", random_init=True, seed=0, config=longer)[0], seed=2, std=0.15).eval()
+    context = target.config.max_position_embeddings
+    assert draft.config.max_position_embeddings >= context + k
+    prompt = torch.randint(0, 256, (context - 9,), generator=torch.Generator().manual_seed(0)).tolist()
+    config = GenerationConfig(max_new_tokens=9, eos_token_ids=[])  # fills the target's context exactly
+    expected = generate(target, prompt, config)[0].outputs[0].token_ids
+    out, stats = speculative_generate(target, draft, prompt, config, num_draft_tokens=k)
+    assert out.outputs[0].token_ids == expected
+    assert stats.emitted == 9
+
+
+def test_stats_count_emitted_tokens_and_logprobs_are_the_targets():
+    target = _model("llama", 1)
+    prompt = [5, 9, 11]
+    plain = generate(target, prompt, GenerationConfig(max_new_tokens=12, eos_token_ids=[], logprobs=2))[0].outputs[0]
+    # the target as its own draft: everything accepted, so the output length is what ends rounds
+    out, stats = speculative_generate(target, target, prompt, GenerationConfig(max_new_tokens=3, eos_token_ids=[]),
+                                      num_draft_tokens=4)
+    assert (stats.target_passes, stats.emitted, stats.tokens_per_pass) == (1, 3, 3.0)
+    eos = GenerationConfig(max_new_tokens=12, eos_token_ids=[plain.token_ids[1]], logprobs=2)
+    out, stats = speculative_generate(target, target, prompt, eos, num_draft_tokens=4)
+    assert out.outputs[0].token_ids == plain.token_ids[:2] and stats.emitted == 2 and stats.tokens_per_pass == 2.0
+    assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, plain.logprobs[:2])) < 1e-5
+    assert [list(t) for t in out.outputs[0].top_logprobs] == [list(t) for t in plain.top_logprobs[:2]]
+    with pytest.raises(ConfigError, match="speculative decoding does not return prompt_logprobs"):
+        speculative_generate(target, target, prompt, GenerationConfig(max_new_tokens=3, prompt_logprobs=1))
