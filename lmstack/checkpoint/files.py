@@ -49,7 +49,16 @@ class WeightFiles:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index ({err!r}); re-save the model") from None
+        # Checked here: a hand-edited or truncated index would otherwise fail as a bare
+        # AttributeError/TypeError that names neither the file nor the field.
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: \"weight_map\" must be an object {{tensor name: shard file}}, got "
+                                  f"{type(weight_map).__name__}; re-save the model")
         for name, filename in weight_map.items():
+            if not isinstance(filename, str) or not filename:
+                raise CheckpointError(f"{index}: \"weight_map\" entry {name!r} must name a shard file (a string "
+                                      f"such as \"model-00001-of-00002.safetensors\"), got {filename!r}; "
+                                      "re-save the model")
             path = self.directory / filename
             if not path.is_file():
                 raise CheckpointError(f"{index} lists shard {filename} for tensor {name!r}, but the file is missing")

@@ -140,6 +140,26 @@ def _expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
     return None
 
 
+def _id_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+
+
+def merge_generation_config(shipped: dict, ours: dict) -> dict:
+    """A generation_config.json from a shipped one and the model config's token ids.
+
+    The model config's bos/pad ids win, but eos ids are merged, not replaced: a model's
+    generation_config.json often lists several stop ids (Llama 3: [128001, 128008, 128009])
+    while config.json holds one, and transformers stops on any of the listed ones. Replacing
+    the list by the scalar would make generation run past the other stop tokens.
+    """
+    merged = {**shipped, **ours}
+    if "eos_token_id" in shipped and "eos_token_id" in ours:
+        ids = _id_list(shipped["eos_token_id"])
+        ids += [i for i in _id_list(ours["eos_token_id"]) if i not in ids]
+        merged["eos_token_id"] = ids[0] if len(ids) == 1 and not isinstance(shipped["eos_token_id"], list) else ids
+    return merged
+
+
 def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard_size: int | str = "5GB",
             dtype: torch.dtype | str | None = None) -> Path:
     """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer."""
@@ -183,9 +203,11 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
     existing = directory / "generation_config.json"
     if existing.is_file():  # keep sampling defaults a model shipped with
         try:
-            generation = {**json.loads(existing.read_text()), **generation}
-        except json.JSONDecodeError:
-            pass
+            shipped = json.loads(existing.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            shipped = None
+        if isinstance(shipped, dict):
+            generation = merge_generation_config(shipped, generation)
     atomic_write_bytes(existing, (json.dumps(generation, indent=2) + "\n").encode())
     if tokenizer is not None:
         tokenizer.save(directory)

@@ -201,6 +201,10 @@ def _parse_size(text: str | int) -> int:
     number = value.rstrip("KMGTB")
     unit = value[len(number):]
     try:
-        return int(float(number) * units[unit])
+        size = float(number) * units[unit]
     except (ValueError, KeyError):
         raise ConfigError(f"--max-bytes {text!r} is not a size like 0, 500MB or 2GB") from None
+    # float() also takes "-1", "nan" and "inf": a negative limit used to mean "train on one document".
+    if not size >= 0 or size == float("inf"):
+        raise ConfigError(f"--max-bytes {text!r} must be a size >= 0 like 500MB or 2GB (0 = all of the text)")
+    return int(size)

@@ -3,7 +3,8 @@
 Per-document work (`DocumentCleaner.clean`, `minhash_signature`) runs in worker processes;
 the decisions that need the whole corpus (`Deduplicator`) run in the main process in input
 order, so the result never depends on the number of workers. Near duplicates use
-datasketch's MinHash + LSH on word 5-gram shingles. `CleaningStats` counts, for every step,
+datasketch's MinHash + LSH on word 5-gram shingles (documents shorter than one shingle are
+left to exact dedup). `CleaningStats` counts, for every step,
 the documents and bytes it removed.
 """
 
@@ -184,20 +185,33 @@ def content_hash(text: str) -> bytes:
 
 
 def shingles(text: str, words: int = 5) -> set[bytes]:
-    """Lower-cased word n-grams; a document shorter than n words is one shingle."""
+    """Lower-cased word n-grams; empty for a document shorter than n words.
+
+    A short document has no n-gram to compare: folding it into one shingle made every document
+    without word characters (emoji, punctuation, box drawing) the same shingle b"", and any two
+    short documents sharing their words ("a + b", "a - b") identical. Such documents are left
+    out of near-dedup; exact dedup still removes their copies.
+    """
     tokens = _WORD.findall(text.lower())
-    if len(tokens) < words:
-        return {" ".join(tokens).encode("utf-8")}
     return {" ".join(tokens[i:i + words]).encode("utf-8") for i in range(len(tokens) - words + 1)}
 
 
 def minhash_signature(text: str, num_perm: int = 128, words: int = 5) -> np.ndarray:
-    """datasketch MinHash (affine32 scheme: uint32 values) of the word shingles."""
+    """datasketch MinHash (affine32 scheme: uint32 values) of the word shingles.
+
+    A document with no shingle (fewer than `words` words) gets the empty MinHash (every value
+    2**32 - 1), which `Deduplicator.is_near_duplicate` never counts as a duplicate.
+    """
     from datasketch import MinHash
 
     mh = MinHash(num_perm=num_perm, seed=1, scheme="affine32")
     mh.update_batch(sorted(shingles(text, words)))
     return mh.hashvalues.astype(np.uint32)
+
+
+def is_empty_signature(signature: np.ndarray) -> bool:
+    """The MinHash of no shingles: all values at the affine32 maximum."""
+    return bool(np.all(signature == np.uint32(0xFFFFFFFF)))
 
 
 class Deduplicator:
@@ -229,8 +243,12 @@ class Deduplicator:
         return False
 
     def is_near_duplicate(self, signature: np.ndarray) -> bool:
-        """True when a kept document's estimated Jaccard similarity reaches the threshold."""
-        if self.lsh is None:
+        """True when a kept document's estimated Jaccard similarity reaches the threshold.
+
+        An empty signature (a document shorter than one shingle) is never a near duplicate and
+        is not indexed: with no shingles there is no similarity to estimate.
+        """
+        if self.lsh is None or is_empty_signature(signature):
             return False
         for key in self.lsh.query(self._minhash(signature)):
             # LSH gives candidates; the decision uses the signature estimate against the threshold.

@@ -152,7 +152,8 @@ class _Run:
         self.fingerprint = fingerprint
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
-        self.dtype = token_dtype(tokenizer.vocab_size)
+        self.id_space = tokenizer.id_space  # not vocab_size: a vocabulary with gaps has ids >= its count
+        self.dtype = token_dtype(self.id_space)
         self.writers = {s: ShardWriter(self.out, s, self.dtype, config.shard_tokens, self.eos_id) for s in SPLITS}
         self.dedup = Deduplicator(config.clean)
         self.selector = ValidationSelector(config.val_fraction)
@@ -276,7 +277,7 @@ class _Run:
         self.tokenizer.save(self.out / "tokenizer")
         index = {
             "format": FORMAT, "version": FORMAT_VERSION, "dtype": self.dtype.name,
-            "vocab_size": self.tokenizer.vocab_size, "eos_token_id": self.eos_id,
+            "vocab_size": self.id_space, "eos_token_id": self.eos_id,
             "bos_token_id": self.tokenizer.bos_token_id,
             "tokenizer": {"fingerprint": self.tokenizer.fingerprint, "dir": "tokenizer"},
             "documents": "each document is followed by eos_token_id",
@@ -404,7 +405,7 @@ def prepare(config: PrepareConfig) -> PrepareReport:
 
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(setup,))
     try:
-        resolved = resolve_inputs(config.inputs)
+        resolved = resolve_inputs(config.inputs, exclude=config.out)  # before OUT is cleared
         items = plan_items(resolved, config)
         fingerprint = run_fingerprint(resolved, tokenizer, config)
         out = Path(config.out)

@@ -25,9 +25,26 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab <= 65536), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+def token_dtype(id_space: int) -> np.dtype:
+    """uint16 when every id fits (all ids < id_space <= 65536), else uint32.
+
+    Pass the largest id + 1 (`Tokenizer.id_space`), not the token count: they differ for a
+    vocabulary with gaps, and a count would pick uint16 for ids that wrap around.
+    """
+    return np.dtype(np.uint16) if id_space <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _check_ids(ids: np.ndarray, dtype: np.dtype, what: str) -> None:
+    """Refuse ids that `dtype` cannot hold: numpy's astype would wrap them silently."""
+    if len(ids) == 0:
+        return
+    low, high = int(np.min(ids)), int(np.max(ids))
+    limit = np.iinfo(dtype).max
+    if low < 0 or high > limit:
+        bad = low if low < 0 else high
+        raise DataError(f"{what}: token id {bad} does not fit {dtype.name} shards (ids 0..{limit}); "
+                        "the tokenizer's ids exceed its vocabulary size, so choose the shard dtype from "
+                        "the largest id (Tokenizer.id_space) or fix the tokenizer's vocabulary")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -57,6 +74,7 @@ class ShardWriter:
         self.split = split
         self.dtype = dtype
         self.shard_tokens = shard_tokens
+        _check_ids(np.array([eos_id], dtype=np.int64), np.dtype(dtype), "eos_token_id")
         self.eos = np.array([eos_id], dtype=dtype)
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
@@ -66,6 +84,8 @@ class ShardWriter:
 
     def add(self, ids: np.ndarray) -> int:
         """Add one document; returns how many shards this completed (and wrote)."""
+        if ids.dtype != self.dtype:
+            _check_ids(ids, self.dtype, f"a {self.split} document")
         self.pending.append(ids.astype(self.dtype, copy=False))
         self.pending.append(self.eos)
         n = len(ids) + 1

@@ -120,15 +120,37 @@ def _expand(spec: str) -> list[Path]:
                     f"({', '.join(BUILTIN_CORPORA)})")
 
 
-def resolve_inputs(specs: list[str] | str) -> list[tuple[str, list[InputFile]]]:
-    """[(spec, files)] for each --input spec, files sorted so every run sees the same order."""
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_inputs(specs: list[str] | str, exclude: str | Path | None = None) -> list[tuple[str, list[InputFile]]]:
+    """[(spec, files)] for each --input spec, files sorted so every run sees the same order.
+
+    `exclude` is the output directory (`data prepare --out`): files under it are never input,
+    so an --out inside an --input folder does not feed a rerun its own index.json, shards and
+    tokenizer files (nor lose an "input" that --overwrite deletes). An input spec that names
+    only such files is refused. This is decided here, before the output directory is touched.
+    """
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
         raise DataError("no --input given; pass files, folders, globs or a built-in corpus such as stdlib")
+    excluded = Path(exclude).expanduser().resolve() if exclude is not None else None
     out = []
     for spec in specs:
-        files = [InputFile(str(p), file_kind(p), p.stat().st_size) for p in _expand(str(spec))]
+        paths = _expand(str(spec))
+        if excluded is not None:
+            kept = [p for p in paths if not _is_under(p, excluded)]
+            if not kept:
+                raise DataError(f"--input {spec} names only files inside --out {exclude}, which are this "
+                                "command's own output; give an --input outside --out, or another --out")
+            paths = kept
+        files = [InputFile(str(p), file_kind(p), p.stat().st_size) for p in paths]
         out.append((str(spec), files))
     return out
 
@@ -238,7 +260,23 @@ def record_text(record: object, text_field: str) -> str | tuple[str]:
     value = record[text_field]
     if not isinstance(value, str):
         return (f"field {text_field!r} is {type(value).__name__}, expected a string",)
-    return value
+    return _surrogate_reason(value, f"field {text_field!r}") or value
+
+
+def _surrogate_reason(text: str, what: str) -> tuple[str] | None:
+    """(reason,) when `text` holds a lone surrogate, else None.
+
+    JSON allows escapes such as "\\ud800" that decode to a lone UTF-16 surrogate: not Unicode,
+    so UTF-8 encoding and the tokenizer would fail later with a bare UnicodeEncodeError that
+    names no file or line. Reported here, it is a bad record like malformed JSON.
+    """
+    from lmstack.tokenizer.tokenizer import lone_surrogate
+
+    index = lone_surrogate(text)
+    if index is None:
+        return None
+    return (f"{what} holds a lone surrogate {text[index]!r} at character {index} (a JSON \\u escape "
+            "that is not valid Unicode)",)
 
 
 def _read_parquet(span: Span, text_field: str) -> tuple[list[Document], list[BadRecord], bytes]:
@@ -263,7 +301,10 @@ def _read_parquet(span: Span, text_field: str) -> tuple[list[Document], list[Bad
         raise DataError(f"{span.path} is not a readable parquet file ({err})") from None
     docs, bad = [], []
     for i, value in enumerate(values):
-        if isinstance(value, str):
+        reason = _surrogate_reason(value, f"column {text_field!r}") if isinstance(value, str) else None
+        if reason is not None:
+            bad.append(BadRecord(span.path, span.start + 1 + i, reason[0]))
+        elif isinstance(value, str):
             docs.append(Document(value, span.path, span.start + 1 + i))
         else:
             bad.append(BadRecord(span.path, span.start + 1 + i,

@@ -106,10 +106,21 @@ def _named_templates(value: str | list | dict | None) -> dict[str | None, str]:
     return dict(value)
 
 
-def _read_chat_templates(directory: Path) -> tuple[str | list[dict[str, str]] | None, dict[str | None, Path]]:
+def _jinja_template_files(directory: Path) -> list[Path]:
+    """The template files transformers reads: chat_template.jinja and additional_chat_templates/*.jinja."""
+    found = [directory / "chat_template.jinja"] if (directory / "chat_template.jinja").is_file() else []
+    extra = directory / "additional_chat_templates"
+    if extra.is_dir():
+        found += sorted(p for p in extra.glob("*.jinja") if p.is_file())
+    return found
+
+
+def _read_chat_templates(directory: Path, legacy: bool = True
+                         ) -> tuple[str | list[dict[str, str]] | None, dict[str | None, Path]]:
     """transformers >= 4.43 may keep templates in chat_template.jinja and additional_chat_templates/.
 
-    Returns the templates and, for error messages, the file each came from.
+    Returns the templates and, for error messages, the file each came from. With `legacy`,
+    a chat_template.json is read when there are no .jinja files.
     """
     templates: dict[str, str] = {}
     origins: dict[str | None, Path] = {}
@@ -122,12 +133,12 @@ def _read_chat_templates(directory: Path) -> tuple[str | list[dict[str, str]] | 
         for path in sorted(extra.glob("*.jinja")):
             templates[path.stem] = _read_text(path)
             origins[path.stem] = path
-    legacy = directory / "chat_template.json"
-    if not templates and legacy.is_file():
-        template = _read_json(legacy).get("chat_template")
+    legacy_path = directory / "chat_template.json"
+    if not templates and legacy and legacy_path.is_file():
+        template = _read_json(legacy_path).get("chat_template")
         if template:
-            check_chat_template(template, legacy)
-            return template, {name: legacy for name in _named_templates(template)}
+            check_chat_template(template, legacy_path)
+            return template, {name: legacy_path for name in _named_templates(template)}
     if not templates:
         return None, {}
     if list(templates) == ["default"]:
@@ -189,10 +200,12 @@ class Tokenizer:
             check_chat_template(file_config.get("chat_template"), config_path)
             config.update(file_config)
             origins = {name: config_path for name in _named_templates(file_config.get("chat_template"))}
-        if "chat_template" not in config:
-            template, origins = _read_chat_templates(directory)
-            if template is not None:
-                config["chat_template"] = template
+        # As transformers (PreTrainedTokenizerBase.from_pretrained): .jinja template files take
+        # priority over tokenizer_config.json's "chat_template"; chat_template.json is only a fallback.
+        template, template_origins = _read_chat_templates(directory, legacy="chat_template" not in config)
+        if template is not None:
+            config["chat_template"] = template
+            origins = template_origins
         tokenizer = cls(backend, config)
         tokenizer._compile_templates(origins)
         return tokenizer
@@ -207,7 +220,12 @@ class Tokenizer:
                 self._templates[source] = ChatTemplate(source, label)
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json and tokenizer_config.json (the chat template inside it)."""
+        """Write tokenizer.json and tokenizer_config.json (the chat template inside it).
+
+        chat_template.jinja and additional_chat_templates/*.jinja already in `directory` are
+        removed: transformers (and `load`) prefer them to tokenizer_config.json, so a stale one
+        would silently replace the template saved here.
+        """
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise TokenizerError(f"cannot save the tokenizer to {directory}: it is a file; give a directory")
@@ -224,6 +242,8 @@ class Tokenizer:
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
         (directory / "tokenizer_config.json").write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for stale in _jinja_template_files(directory):
+            stale.unlink()
 
     @property
     def fingerprint(self) -> str:
@@ -266,7 +286,20 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """How many tokens there are (as transformers' len(tokenizer)); see `id_space` for id ranges."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def id_space(self) -> int:
+        """max(vocab_size, largest id + 1): the ids every encoding can produce lie in [0, id_space).
+
+        Not `vocab_size`: a vocabulary with gaps (a WordLevel/WordPiece file whose ids skip
+        numbers) has fewer tokens than its largest id, so sizing a dtype or an embedding by the
+        count would wrap or overflow the high ids.
+        """
+        count = self.backend.get_vocab_size(with_added_tokens=True)
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return max(count, max(vocab.values(), default=-1) + 1)
 
     @property
     def model_max_length(self) -> int | None:

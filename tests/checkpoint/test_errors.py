@@ -128,3 +128,18 @@ def test_saving_a_model_its_architecture_cannot_hold_is_refused(tmp_path, family
     with pytest.raises(CheckpointError, match=f"cannot save to {tmp_path / 'out'}: .*{message}"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda w: [], r"index\.json: \"weight_map\" must be an object \{tensor name: shard file\}, got list"),
+    (lambda w: {**w, next(iter(w)): None}, r"index\.json: \"weight_map\" entry '.+' must name a shard file .* got None"),
+    (lambda w: {**w, next(iter(w)): 3}, r"\"weight_map\" entry '.+' must name a shard file .* got 3"),
+])
+def test_malformed_weight_map_names_file_and_field(tmp_path, edit, message):
+    hf_model("llama").save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    path = tmp_path / "m" / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"] = edit(index["weight_map"])
+    path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message):
+        lmstack.load(tmp_path / "m")

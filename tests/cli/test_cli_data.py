@@ -49,3 +49,39 @@ def test_help_and_missing_flags():
     assert run_cli("tokenizer", "train", "--help").returncode == 0
     out = run_cli("data", "prepare", "--tokenizer", "x", "--out", "y")
     assert out.returncode == 2 and "--input is required" in out.stderr
+
+
+def test_lone_surrogate_record_is_a_bad_record_naming_file_and_line(tmp_path):
+    """A JSON "\\ud800" escape decodes to text UTF-8 cannot encode: once a bare UnicodeEncodeError."""
+    from corpus_helpers import trained_tokenizer
+
+    trained_tokenizer().save(tmp_path / "tok")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "good document one"}\n{"text": "bad \\ud800 surrogate"}\n{"text": "good two"}\n')
+    expected = f"{src}:2: field 'text' holds a lone surrogate '\\ud800' at character 4"
+    prepare = ("data", "prepare", "--input", str(src), "--tokenizer", str(tmp_path / "tok"), "--workers", "1",
+               "--val-fraction", "0")
+    out = run_cli(*prepare, "--out", str(tmp_path / "a"))
+    assert out.returncode == 2 and expected in out.stderr and "--skip-bad" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_cli(*prepare, "--out", str(tmp_path / "b"), "--skip-bad", "true")
+    assert out.returncode == 0, out.stderr
+    assert "skipped 1 bad records" in out.stdout
+    assert json.loads((tmp_path / "b" / "index.json").read_text())["splits"]["train"]["num_documents"] == 2
+    out = run_cli("tokenizer", "train", "--input", str(src), "--out", str(tmp_path / "t"), "--vocab-size", "300")
+    assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = run_cli("tokenizer", "train", "--input", str(src), "--out", str(tmp_path / "t"), "--vocab-size", "300",
+                  "--skip-bad", "true")
+    assert out.returncode == 0 and "1 bad records skipped" in out.stdout, out.stderr
+
+
+def test_negative_or_non_finite_max_bytes_is_refused():
+    import pytest
+
+    from lmstack.cli.data import _parse_size
+    from lmstack.errors import ConfigError
+
+    for bad in ("-1", "-5MB", "nan", "inf"):
+        with pytest.raises(ConfigError, match=rf"--max-bytes '{bad}' must be a size >= 0 like 500MB"):
+            _parse_size(bad)
+    assert _parse_size("0") == 0 and _parse_size("1.5KB") == 1500

@@ -59,3 +59,41 @@ def test_a_bad_shard_size_fails_before_the_model_is_built(tmp_path, size, messag
     out = run_cli("convert", "tiny-llama", str(tmp_path / "o"), "--random_init", "true", "--max_shard_size", size)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_convert_carries_generation_config_through(tmp_path):
+    """The source's stop-id list and sampling defaults survive, as transformers reads them."""
+    import transformers
+
+    ref = hf_model("llama", bos_token_id=0, eos_token_id=1)
+    ref.generation_config = transformers.GenerationConfig(bos_token_id=0, eos_token_id=[1, 5], temperature=0.6,
+                                                          top_p=0.9, do_sample=True)
+    ref.save_pretrained(tmp_path / "src")
+    out = run_cli("convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bfloat16")
+    assert out.returncode == 0, out.stderr
+    src = transformers.GenerationConfig.from_pretrained(tmp_path / "src")
+    dst = transformers.GenerationConfig.from_pretrained(tmp_path / "dst")
+    for field in ("bos_token_id", "eos_token_id", "temperature", "top_p", "do_sample"):
+        assert getattr(dst, field) == getattr(src, field), field
+    assert dst.eos_token_id == [1, 5]
+
+
+def test_convert_refuses_a_malformed_generation_config(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "generation_config.json").write_text("[1, 5]")
+    out = run_cli("convert", str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "generation_config.json must hold a JSON object of generation settings, got list" in out.stderr
+
+
+@pytest.mark.parametrize("shipped, ours, merged", [
+    ({"eos_token_id": [1, 5], "top_p": 0.9}, {"eos_token_id": 1}, {"eos_token_id": [1, 5], "top_p": 0.9}),
+    ({"eos_token_id": [5]}, {"eos_token_id": 1}, {"eos_token_id": [5, 1]}),
+    ({"eos_token_id": 5}, {"eos_token_id": 1}, {"eos_token_id": [5, 1]}),
+    ({"eos_token_id": 1}, {"eos_token_id": 1, "bos_token_id": 0}, {"eos_token_id": 1, "bos_token_id": 0}),
+    ({"temperature": 0.6}, {"eos_token_id": [1, 2]}, {"temperature": 0.6, "eos_token_id": [1, 2]}),
+])
+def test_generation_config_merge_keeps_stop_ids(shipped, ours, merged):
+    from lmstack.checkpoint.hf import merge_generation_config
+
+    assert merge_generation_config(shipped, ours) == merged

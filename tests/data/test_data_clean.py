@@ -13,6 +13,7 @@ from lmstack.data.clean import (
     minhash_signature,
     non_alnum_ratio,
     repeated_line_ratio,
+    shingles,
 )
 
 
@@ -103,3 +104,16 @@ def test_stats_round_trip_and_merge():
     a.merge(b)
     assert a.filtered["min_chars"].documents == 2 and a.filtered["min_chars"].bytes == 3
     assert CleaningStats.from_dict(a.to_dict()) == a
+
+
+def test_documents_shorter_than_a_shingle_are_left_out_of_near_dedup():
+    """No-word documents used to share the shingle b"" and short ones their joined words: all collapsed."""
+    short = ["😀😀😀 🎉🎉", "!!! ??? ...", "→ ← ↑ ↓", "+-+-+\n| |\n+-+-+", "a + b", "a - b", "a * b"]
+    assert all(shingles(t) == set() for t in short)
+    long_text = " ".join(f"word{i}" for i in range(30))
+    config = CleanConfig(near_dedup=True)
+    dedup = Deduplicator(config)
+    kept = [t for t in short + short + [long_text, long_text + " eight"]
+            if not dedup.is_exact_duplicate(content_hash(t)) and not dedup.is_near_duplicate(minhash_signature(t))]
+    assert kept == short + [long_text]  # exact copies still removed; near dedup still works for long documents
+    assert len(dedup.signatures) == 1  # the short documents were never indexed
