@@ -325,6 +325,10 @@ def quantize(
     path = save_quantized(net, out, tokenizer)
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors")) / 1e6
     print(f"wrote {path} ({method}, {size:.1f} MB of weights)")
+    kept = net.config.extra["quantization_config"]["lmstack"]["kept"]
+    if kept:
+        print(f"kept in full precision ({len(kept)} layers whose input size is not a multiple of --group_size "
+              f"{group_size}): {', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}")
     if before is not None:
         after = _perplexity(net, tokenizer, eval_text, eval_tokens)
         print(f"perplexity on {eval_text}: {before:.3f} -> {after:.3f} ({(after / before - 1) * 100:+.2f}%)")

@@ -73,12 +73,21 @@ def quantize(model, method: str = "int8", group_size: int = 128, include_lm_head
 
     A tied LM head gets its own quantized copy; the embedding keeps full precision (a lookup
     reads one row, so it costs no bandwidth). int4 on CUDA casts the model to bfloat16 first.
-    Layers whose input size is not a multiple of group_size stay unquantized (int4).
+    Layers whose input size is not a multiple of group_size stay unquantized (int4); their
+    names are recorded in quantization_config.lmstack.kept, and if no layer fits, it is an error.
     """
     refuse_quantized_model(model, "quantize")  # torchao cannot quantize its own tensors again
     quantize_ = _torchao()
     if method == "int4" and group_size not in (32, 64, 128, 256):
         raise ConfigError(f"group_size={group_size} must be one of 32, 64, 128, 256 for int4")
+    candidates = _targets(model, include_lm_head, 1, "int8")  # every layer a group size allows
+    wanted = _targets(model, include_lm_head, group_size, method)
+    names = [fqn for fqn, m in model.named_modules() if candidates(m, fqn)]
+    kept = [fqn for fqn, m in model.named_modules() if candidates(m, fqn) and not wanted(m, fqn)]
+    if names and len(kept) == len(names):
+        sizes = sorted({m.in_features for fqn, m in model.named_modules() if candidates(m, fqn)})
+        raise ConfigError(f"group_size={group_size} divides none of this model's layer input sizes {sizes}, so int4 "
+                          "would quantize nothing; use a group_size that divides them (32, 64, 128 or 256)")
     device = model.device
     config = quant_config(method, group_size, device)
     if method == "int4" and device.type == "cuda" and model.dtype != torch.bfloat16:
@@ -89,7 +98,9 @@ def quantize(model, method: str = "int8", group_size: int = 128, include_lm_head
     model.config.extra["quantization_config"] = {
         "quant_method": "torchao",
         "lmstack": {"method": method, "group_size": group_size, "include_lm_head": include_lm_head,
-                    "device": device.type, "layout": "lmstack-fused"},
+                    "device": device.type, "layout": "lmstack-fused", "kept": kept,
+                    # the embedding and head keep their padded rows, which config.json's vocab_size omits
+                    "pad_vocab_to_multiple": model.config.pad_vocab_to_multiple},
     }
     return model
 
@@ -192,6 +203,11 @@ def load_quantized(directory: str | Path, device: torch.device | str = "cpu"):
     if not isinstance(info, dict) or info.get("method") not in METHODS:
         raise CheckpointError(f"{directory / 'config.json'}: quantization_config.lmstack must record the method "
                               f"({', '.join(METHODS)}), got {info!r}; quantize the original model again")
+    pad = info.get("pad_vocab_to_multiple", 1)
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 1:
+        raise CheckpointError(f"{directory / 'config.json'}: quantization_config.lmstack.pad_vocab_to_multiple must be "
+                              f"a positive integer, got {pad!r}; quantize the original model again")
+    config.pad_vocab_to_multiple = pad
     device = torch.device(device)
     if info["method"] == "int4" and info.get("device") == "cuda" and device.type != "cuda":
         raise CheckpointError(f"{directory} holds CUDA-packed int4 weights (tinygemm layout); load it with "

@@ -179,6 +179,8 @@ class Transformer(nn.Module):
                 router_logits.append(r)
         x = self.norm(x)
         hidden = x if output_hidden_states else None
+        if labels is not None and attention_mask is not None and attention_mask.dim() == 2:
+            labels = ignore_labels_seen_from_padding(labels, attention_mask, shift_labels)
         if labels is not None and self.loss_chunk_tokens:
             out = CausalLMOutput(logits=None, hidden_states=hidden)  # no (tokens x vocab) logits at all
             out.ce_loss = self._chunked_loss(x, labels, shift_labels)
@@ -252,6 +254,17 @@ class Transformer(nn.Module):
         from lmstack.checkpoint.hf import load_hf_model
 
         return load_hf_model(directory, dtype=dtype, device=device)
+
+
+def ignore_labels_seen_from_padding(labels: torch.Tensor, attention_mask: torch.Tensor,
+                                    shift_labels: bool) -> torch.Tensor:
+    """-100 for every label predicted at a padding position: a pad query attends to nothing real,
+    so its prediction (e.g. of a left-padded row's first token) carries no signal; transformers
+    would average garbage there, and the usual `labels[mask == 0] = -100` misses that label."""
+    padding = attention_mask == 0
+    if shift_labels:
+        padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding[:, :-1]], dim=1)
+    return labels.masked_fill(padding, IGNORE_INDEX) if padding.any() else labels
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool = True) -> torch.Tensor:

@@ -80,3 +80,33 @@ def test_bad_method_and_group_size():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="float8 weights need a CUDA GPU"):
             quantize(_model(), "float8")
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_model_with_padded_vocabulary_rows_round_trips(tmp_path, method):
+    """Training pads the embedding to a multiple of 64 rows by default; config.json's
+    vocab_size omits them, so the quantized directory records the padding (it failed to load)."""
+    import dataclasses
+
+    from lmstack.config import get_preset
+
+    config = dataclasses.replace(get_preset("tiny-qwen2"), vocab_size=250, pad_vocab_to_multiple=64)
+    model = randomize_(lmstack.load("tiny-qwen2", random_init=True, seed=0, config=config)[0], seed=1, std=0.15).eval()
+    assert model.embed.weight.shape[0] == 256
+    quantize(model, method, group_size=32)
+    save_quantized(model, tmp_path)
+    loaded, _ = lmstack.load(tmp_path)
+    ids = torch.randint(0, 250, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_int4_that_would_quantize_nothing_is_refused_and_kept_layers_are_named():
+    model = _model()  # tiny: input sizes 64 (hidden) and 128 (the MLP's down projection)
+    with pytest.raises(ConfigError, match=r"group_size=256 divides none of this model's layer input sizes \[64, 128\]"):
+        quantize(model, "int4", group_size=256)
+    quantize(model, "int4", group_size=128)  # only the down projections fit: the rest is kept and named
+    kept = model.config.extra["quantization_config"]["lmstack"]["kept"]
+    assert kept and not any(name.endswith("mlp.down") for name in kept) and "lm_head" in kept
+    assert type(model.layers[0].mlp.down.weight) is not torch.nn.Parameter
+    assert type(model.layers[0].attn.qkv.weight) is torch.nn.Parameter

@@ -105,3 +105,30 @@ def test_chunked_loss_under_bf16_autocast_follows_the_full_loss():
     for name in want:
         scale = want[name].abs().max().item()
         assert (got[name] - want[name]).abs().max().item() <= 0.02 * scale + 1e-6, name
+
+
+def test_left_padded_labels_ignore_what_a_padding_position_predicts(tmp_path):
+    """The usual collator masks pad labels only; the first real token's label is then predicted
+    from a pad position, which sees nothing real. It is ignored too: the loss equals transformers'
+    with that label masked as well, and no longer depends on what the padding holds."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from hf_models import hf_model
+
+    ref = hf_model("llama", seed=0)
+    ref.save_pretrained(tmp_path)
+    model, _ = lmstack.load(tmp_path)
+    ids = torch.randint(3, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # row 0 is left-padded by 4
+    labels = ids.masked_fill(mask == 0, -100)
+    strict = labels.clone()
+    strict[0, 4] = -100  # predicted from position 3, a pad
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, labels=labels).loss
+        theirs = ref(ids, attention_mask=mask, labels=strict).loss
+        other_padding = model(ids.masked_fill(mask == 0, 7), attention_mask=mask, labels=labels).loss
+    assert abs(ours.item() - theirs.item()) < 1e-5
+    assert abs(ours.item() - other_padding.item()) < 1e-6
