@@ -34,9 +34,16 @@ _OWNED = {
     "rope_scaling", "rope_parameters", "hidden_act", "activation_function", "attention_bias", "mlp_bias",
     "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "tie_word_embeddings",
     "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "initializer_range", "bos_token_id",
-    "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version", "attn_pdrop", "resid_pdrop",
-    "embd_pdrop", "attention_dropout", "output_router_logits", "use_cache",
+    "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version", "output_router_logits",
+    "use_cache",
 }
+# Dropout probabilities are training options, not part of the function: a config.json keeps the
+# ones it came with (in `extra`) unless lmstack trained with its own `dropout`.
+_GPT2_DROPOUTS = ("attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
+def _dropouts(cfg: ModelConfig, keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: cfg.dropout if cfg.dropout else cfg.extra.get(k, 0.0) for k in keys}
 
 
 def _require(hf: dict, key: str, source: str) -> Any:
@@ -240,7 +247,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
             n_inner=cfg.intermediate_size, n_positions=cfg.max_position_embeddings,
             layer_norm_epsilon=cfg.norm_eps, activation_function=acts[cfg.activation],
-            attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+            **_dropouts(cfg, _GPT2_DROPOUTS),
         )
     else:
         hf.update(
@@ -248,7 +255,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-            rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, attention_dropout=0.0,
+            rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, **_dropouts(cfg, ("attention_dropout",)),
         )
         if cfg.family in ("llama", "qwen3"):
             hf.update(attention_bias=cfg.attn_out_bias)
