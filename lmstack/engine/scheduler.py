@@ -142,7 +142,7 @@ class Scheduler:
             if self._waits_for_first_sample(seq):
                 i += 1
                 continue
-            first_time = seq.request.metrics.first_scheduled_time is None
+            first_time = not seq.admitted  # each sample counts once in the cache stats (not again after preemption)
             hits = self.blocks.cached_prefix(seq, self._cacheable_tokens(seq))
             computed = len(hits) * self.blocks.block_size
             n = seq.num_tokens - computed
@@ -160,9 +160,11 @@ class Scheduler:
             self.blocks.grow(seq, computed + n)
             seq.num_computed_tokens = computed
             if first_time:
+                seq.admitted = True
                 seq.num_cached_tokens = computed
                 self.prefix_cache_queries += seq.num_prompt_tokens
                 self.prefix_cache_hits += computed
+            if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = time.time()
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)

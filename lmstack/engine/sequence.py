@@ -50,6 +50,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, chained (prefix caching)
     num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    admitted: bool = False  # scheduled at least once (first admissions feed the prefix-cache stats)
     num_preemptions: int = 0
     state: Any = None  # lmstack.infer.stopping.SequenceState: output tokens, text, logprobs, finish
     params: Any = None  # this sample's SamplingParams (sample j of a seeded request uses seed + j)

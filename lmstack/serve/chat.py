@@ -199,9 +199,13 @@ async def _stream(state: Any, req: ChatCompletionRequest, run: PromptRun, create
     head = (f'data: {{"id":"{run.request_id}","object":"chat.completion.chunk","created":{created},'
             f'"model":{json.dumps(model)},')
 
+    generated = [0] * req.n  # tokens per choice so far: continuous usage is per choice, as vLLM's
+
     def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
         # The shape of ChatCompletionChunk, built without a pydantic object per token.
-        usage = usage or (_usage(run) if continuous else None)
+        if usage is None and continuous:
+            p, c = len(run.prompt_token_ids), sum(generated[ch.index] for ch in choices)
+            usage = UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
         out = []
         for c in choices:
             out.append({"index": c.index, "delta": {k: v for k, v in (("role", c.delta.role), ("content", c.delta.content),
@@ -217,6 +221,7 @@ async def _stream(state: Any, req: ChatCompletionRequest, run: PromptRun, create
                      for j in range(req.n)])
         async for update in run_prompt(state, run, ticket, deadline):
             for d in update.deltas:
+                generated[d.index] += len(d.token_ids)
                 logprobs = None
                 if req.logprobs and d.token_ids:
                     logprobs = ChatLogprobs(content=chat_logprobs(state.texts, d.token_ids, d.logprobs or [],

@@ -204,7 +204,10 @@ async def _stream(state: Any, req: CompletionRequest, plan: list[_Prompt], reque
     def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs.model_dump() if logprobs is not None else None,
                   "finish_reason": finish, "stop_reason": stop}
-        usage = _usage(plan).model_dump() if continuous else None
+        usage = None
+        if continuous:  # this choice's prompt and its tokens so far, as vLLM reports them
+            p, c = len(plan[index // n].token_ids), len(choices[index].token_ids)
+            usage = UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c).model_dump()
         return (f'{head}"choices":[{json.dumps(choice)}],"system_fingerprint":null,'
                 f'"usage":{json.dumps(usage)}}}\n\n')
 

@@ -230,6 +230,8 @@ def test_n_samples_compute_the_prompt_once(overlap):
     # sample 0: 64 prompt tokens; samples 1-3: the last (partial) 4-token block each; then 4 decodes x 4 samples
     assert stats.computed_tokens_total == 64 + 3 * 4 + 4 * 4
     assert out.num_cached_tokens == 0  # nothing came from an earlier request
+    # as vLLM counts n samples (n requests there): every sample queries its prompt, 1..3 hit 60 tokens each
+    assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (4 * 64, 3 * 60)
     for j, sample in enumerate(out.outputs):
         assert sample.token_ids == alone(model, prompt, 5, temperature=1.0, seed=7 + j).outputs[0].token_ids
     no_cache = LLM(model, block_size=4, num_blocks=256, enable_prefix_caching=False, async_scheduling=overlap)

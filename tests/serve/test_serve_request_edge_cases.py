@@ -254,3 +254,31 @@ def test_odd_values_get_a_precise_short_message(http, body, param, needle):
 def test_detokenize_negative_ids(http):
     err = api_error(_raw(http, "/detokenize", b'{"tokens": [5, -1]}'), 400)
     assert err["param"] == "tokens" and "token id -1 is outside the vocabulary" in err["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_is_per_choice_as_vllm_reports_it(http, path):
+    """Each chunk's usage: its choice's prompt and the tokens that choice has so far."""
+    body = {"n": 2, "max_tokens": 3, "temperature": 0.8, "seed": 1, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    if path == "/v1/completions":
+        body["prompt"] = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23, 24, 25]]
+    else:
+        body["messages"] = [{"role": "user", "content": "Hi"}]
+    r = http.post(path, json=body)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    seen: dict[int, int] = {}
+    prompt_of = {0: 9, 1: 9, 2: 6, 3: 6}
+    for c in chunks[:-1]:
+        for choice in c["choices"]:
+            usage = c["usage"]
+            if path == "/v1/completions":
+                assert usage["prompt_tokens"] == prompt_of[choice["index"]]
+            assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+            assert seen.get(choice["index"], 0) <= usage["completion_tokens"] <= 3
+            seen[choice["index"]] = usage["completion_tokens"]
+    assert set(seen.values()) == {3}  # each choice ends at its own 3 tokens, not the request's sum
+    final = chunks[-1]["usage"]
+    prompts = 15 if path == "/v1/completions" else final["prompt_tokens"]
+    assert final["completion_tokens"] == 3 * len(seen) and final["prompt_tokens"] == prompts
