@@ -128,9 +128,13 @@ def plan_items(resolved: list[tuple[str, list[InputFile]]], config: PrepareConfi
 
 
 def run_fingerprint(resolved: list[tuple[str, list[InputFile]]], tokenizer: Tokenizer, config: PrepareConfig) -> str:
-    """Identifies a run: same inputs (path, size, mtime), tokenizer and options -> may resume."""
+    """Identifies a run: same inputs (path, size, mtime), tokenizer and options -> may resume.
+
+    The EOS id joins the tokenizer's fingerprint (which covers tokenizer.json only): it is set in
+    tokenizer_config.json and ends every document, so an edit between runs must not mix two."""
     inputs = [[spec, [[f.path, f.size, os.stat(f.path).st_mtime_ns] for f in files]] for spec, files in resolved]
     data = {"version": FORMAT_VERSION, "inputs": inputs, "tokenizer": tokenizer.fingerprint,
+            "eos_id": tokenizer.eos_token_id,
             "options": output_options(config), "item_bytes": config.item_bytes}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
