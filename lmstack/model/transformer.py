@@ -264,7 +264,7 @@ def ignore_labels_seen_from_padding(labels: torch.Tensor, attention_mask: torch.
     padding = attention_mask == 0
     if shift_labels:
         padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding[:, :-1]], dim=1)
-    return labels.masked_fill(padding, IGNORE_INDEX) if padding.any() else labels
+    return labels.masked_fill(padding, IGNORE_INDEX)  # no `padding.any()`: that would sync with the GPU
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool = True) -> torch.Tensor:
