@@ -49,3 +49,26 @@ CJK_TEXT = (
     "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
     "모든 인간은 태어날 때부터 자유로우며 그 존엄과 권리에 있어 동등하다. 🐍🎉 emoji 👩‍👩‍👧"
 )
+
+
+def prepare_interrupted_after(config, items: int) -> None:
+    """Run `data prepare` and interrupt it (KeyboardInterrupt) when it consumes item `items`, as a
+    user's Ctrl-C would: the output directory keeps its checkpoint for a rerun to resume."""
+    import pytest
+
+    from lmstack.data import pipeline, prepare
+
+    consume, calls = pipeline._Run.consume, {"n": 0}
+
+    def interrupted(self, result):
+        calls["n"] += 1
+        if calls["n"] == items:
+            raise KeyboardInterrupt
+        return consume(self, result)
+
+    pipeline._Run.consume = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare(config)
+    finally:
+        pipeline._Run.consume = consume

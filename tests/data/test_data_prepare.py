@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from corpus_helpers import stdlib_files, trained_tokenizer
+from corpus_helpers import prepare_interrupted_after, stdlib_files, trained_tokenizer
 
 from lmstack.data import CleanConfig, PrepareConfig, TokenDataset, prepare
 from lmstack.data import pipeline as pipeline_module
@@ -104,19 +104,7 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, tok_dir, monkeypa
     prepare(PrepareConfig(out=str(tmp_path / "full"), **config))
     expected = snapshot(tmp_path / "full")
 
-    calls = {"n": 0}
-    consume = pipeline_module._Run.consume
-
-    def interrupted(self, result):
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise KeyboardInterrupt
-        return consume(self, result)
-
-    monkeypatch.setattr(pipeline_module._Run, "consume", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(PrepareConfig(out=str(tmp_path / "part"), **config))
-    monkeypatch.setattr(pipeline_module._Run, "consume", consume)
+    prepare_interrupted_after(PrepareConfig(out=str(tmp_path / "part"), **config), 12)
     part = tmp_path / "part"
     assert not (part / "index.json").exists() and (part / ".prepare" / "state.json").exists()
     with pytest.raises(DataError, match="interrupted `data prepare`.*resume"):

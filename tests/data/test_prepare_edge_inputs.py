@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from corpus_helpers import trained_tokenizer
+from corpus_helpers import prepare_interrupted_after, trained_tokenizer
 
 from lmstack.data import PrepareConfig, prepare
 from lmstack.errors import DataError
@@ -88,13 +88,10 @@ def test_shard_writer_refuses_ids_that_do_not_fit(tmp_path):
         ShardWriter(tmp_path, "train", np.dtype(np.uint16), 100, 70000)
 
 
-def test_an_eos_edit_between_interruption_and_rerun_starts_over(tmp_path, tok_dir, monkeypatch, capsys):
+def test_an_eos_edit_between_interruption_and_rerun_starts_over(tmp_path, tok_dir, capsys):
     """EOS comes from tokenizer_config.json, outside tokenizer.json's fingerprint: a rerun with
     another EOS must not resume shards that end documents with the old one."""
-    import json
     import shutil
-
-    from lmstack.data import pipeline as pipeline_module
 
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": f"document number {i} " * 30}) + "\n" for i in range(40)))
@@ -105,18 +102,7 @@ def test_an_eos_edit_between_interruption_and_rerun_starts_over(tmp_path, tok_di
     old_eos = tokenizer.eos_token_id
     config["eos_token"] = next(t for t, i in tokenizer.backend.get_vocab().items() if i != old_eos and len(t) > 1)
     (other / "tokenizer_config.json").write_text(json.dumps(config))
-    calls, consume = {"n": 0}, pipeline_module._Run.consume
-
-    def interrupted(self, result):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return consume(self, result)
-
-    monkeypatch.setattr(pipeline_module._Run, "consume", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(_config(tmp_path, tok_dir, [src], tmp_path / "out", item_bytes=2000, shard_tokens=300))
-    monkeypatch.setattr(pipeline_module._Run, "consume", consume)
+    prepare_interrupted_after(_config(tmp_path, tok_dir, [src], tmp_path / "out", item_bytes=2000, shard_tokens=300), 3)
     capsys.readouterr()
     report = prepare(_config(tmp_path, other, [src], tmp_path / "out", item_bytes=2000, shard_tokens=300))
     assert report.resumed_items == 0 and "starting over" in capsys.readouterr().out
