@@ -7,8 +7,16 @@ from hf_models import randomize_
 
 import lmstack
 from lmstack.infer import GenerationConfig, cpu_packing, generate
-from lmstack.infer.cpu_packing import (KV_TO_WEIGHT_BYTES, PackedLinear, _blas_step, blas_decode_pays, blas_decode_step,
-                                       can_pack, packed_for_cpu_decoding, packed_view)
+from lmstack.infer.cpu_packing import (
+    KV_TO_WEIGHT_BYTES,
+    PackedLinear,
+    _blas_step,
+    blas_decode_pays,
+    blas_decode_step,
+    can_pack,
+    packed_for_cpu_decoding,
+    packed_view,
+)
 from lmstack.infer.decoder import Decoder, PackedDecoder, make_decoder
 from lmstack.model import KVCache
 
