@@ -211,6 +211,9 @@ class EngineCore:
         max_tokens = self._check_fits(ids, params)
         request = Request(request_id, text, ids, params, arrival_order=next(self._arrivals), priority=int(priority),
                           max_tokens=max_tokens, stream=stream)
+        if request.wants_prompt_logprobs:  # the first token has none; a 1-token prompt gets exactly [None]
+            request.prompt_logprobs = [None]
+            request.prompt_top_logprobs = [None] if params.prompt_logprobs else None
         # Penalties and min_tokens read every generated token on the host before sampling.
         request.needs_sync = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                               or params.frequency_penalty != 0.0 or params.min_tokens > 0)
@@ -355,9 +358,6 @@ class EngineCore:
             request = seq.request
             if request.request_id not in self.requests:
                 continue  # aborted meanwhile
-            if request.prompt_logprobs is None:
-                request.prompt_logprobs = [None]
-                request.prompt_top_logprobs = [None] if request.params.prompt_logprobs else None
             request.prompt_logprobs.extend(chosen.tolist())
             if top_ids is not None:
                 request.prompt_top_logprobs.extend(dict(zip(i, v)) for i, v in zip(top_ids.tolist(),

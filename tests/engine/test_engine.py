@@ -237,3 +237,12 @@ def test_n_samples_compute_the_prompt_once(overlap):
     no_cache = LLM(model, block_size=4, num_blocks=256, enable_prefix_caching=False, async_scheduling=overlap)
     assert [o.token_ids for o in no_cache.generate([prompt], params)[0].outputs] == [o.token_ids for o in out.outputs]
     assert no_cache.engine.stats().computed_tokens_total == 4 * 64 + 4 * 4
+
+
+def test_a_one_token_prompt_has_prompt_logprobs_of_one_null_entry():
+    model = tiny_model("llama")
+    out = LLM(model, block_size=4, num_blocks=16).generate([[7]], SamplingParams(max_tokens=2, prompt_logprobs=1,
+                                                                                 **GREEDY))[0]
+    reference = alone(model, [7], 2, prompt_logprobs=1)
+    assert out.prompt_logprobs == reference.prompt_logprobs == [None]
+    assert out.prompt_top_logprobs == [None]
