@@ -50,8 +50,8 @@ def load(path_or_preset: str | Path, *, random_init: bool = False, dtype: torch.
     if name in PRESETS:
         if not random_init:
             raise CheckpointError(
-                f"{name!r} is a preset (shapes only, no weights): pass random_init=True for fresh weights, "
-                "or give the path of a Hugging Face directory"
+                f"{name!r} is a preset (shapes only, no weights): pass random_init=True (--random-init on the "
+                "command line) for fresh weights, or give the path of a Hugging Face directory"
             )
         return _random_model(config or get_preset(name), dtype, device, seed), None
     raise CheckpointError(

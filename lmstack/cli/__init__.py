@@ -9,6 +9,7 @@ modules import heavy libraries inside the function so `--help` stays fast. An
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 
 from lmstack.cli.convert import convert
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmstack: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmstack generate ... | head`: the reader left; stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
     return 0
 
 

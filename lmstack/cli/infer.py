@@ -39,9 +39,10 @@ def _note_default_template(model: str, tokenizer) -> None:
 def _compile_flag(compile: str) -> bool | None:
     from lmstack.errors import ConfigError
 
-    if compile not in ("auto", "yes", "no"):
-        raise ConfigError(f"--compile={compile!r} must be auto, yes or no")
-    return None if compile == "auto" else compile == "yes"
+    words = {"auto": None, "yes": True, "true": True, "no": False, "false": False}  # true/false as in pretrain
+    if compile not in words:
+        raise ConfigError(f"--compile={compile!r} must be auto, yes (true) or no (false)")
+    return words[compile]
 
 
 def generate(

@@ -77,6 +77,8 @@ def quantize(model, method: str = "int8", group_size: int = 128, include_lm_head
     names are recorded in quantization_config.lmstack.kept, and if no layer fits, it is an error.
     """
     refuse_quantized_model(model, "quantize")  # torchao cannot quantize its own tensors again
+    if method not in METHODS:  # before importing torchao, whose import warns at length
+        raise ConfigError(f"quantization method {method!r} is not one of {', '.join(METHODS)}")
     quantize_ = _torchao()
     if method == "int4" and group_size not in (32, 64, 128, 256):
         raise ConfigError(f"group_size={group_size} must be one of 32, 64, 128, 256 for int4")

@@ -107,7 +107,9 @@ def open_sft_data(path: str | None, val_path: str | None, tokenizer, seq_len: in
         if p is not None and not Path(p).exists():
             raise DataError(f"fine-tuning data {p} does not exist")
     if tokenizer is None:
-        raise DataError("fine-tuning needs a tokenizer: the model directory has no tokenizer.json; pass --tokenizer DIR")
+        raise DataError("fine-tuning needs a tokenizer, and --model has none (a preset, or a directory without "
+                        "tokenizer.json): pass --model DIR, a trained Hugging Face model with its tokenizer "
+                        "(e.g. runs/quickstart/model), or --tokenizer DIR")
     from lmstack.data import SFTDataset
 
     train = SFTDataset(path, tokenizer, seq_len, pack=pack, rank=rank, world_size=world_size, seed=seed,

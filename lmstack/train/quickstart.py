@@ -109,9 +109,11 @@ def calibrate_steps(config, seconds: float, log) -> int:
     per_step = timings[threads]
     # evaluations, samples and the final checkpoint add about 10% to the steps themselves
     steps = int(seconds / (per_step * 1.1))
+    chosen = max(50, min(steps, 20000)) // 10 * 10  # a multiple of 10: the last of 5 evaluations is the final one
+    note = "" if chosen == steps // 10 * 10 else f" (run {chosen}: a quickstart trains 50 to 20000 steps)"
     log(f"calibration: {per_step * 1000:.0f} ms/step with {threads} thread(s) -> {steps} steps in "
-        f"{seconds / 60:.1f} min")
-    return max(50, min(steps, 20000)) // 10 * 10  # a multiple of 10: the last of 5 evaluations is the final one
+        f"{seconds / 60:.1f} min{note}")
+    return chosen
 
 
 def run_quickstart(out_dir: str = "runs/quickstart", device: str = "auto", minutes: float | None = None,

@@ -168,3 +168,30 @@ def test_repeated_prompts_are_labelled_by_position_and_stream_with_a_draft_is_re
     code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--draft_model",
                               str(model_dir), "--stream", "true", "--device", "cpu")
     assert code == 2 and "--stream is not available with --draft_model" in err
+
+
+def test_piping_into_a_reader_that_leaves_is_quiet(model_dir, tmp_path):
+    """`lmstack generate ... | head -1`: the reader closes the pipe; no traceback, 141 as a shell tool."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\n" * 600)  # far more output than a pipe holds (64 KiB), so writes must fail
+    proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "generate", str(model_dir), "--prompt_file",
+                             str(prompts), "--max_new_tokens", "1", "--json_output", "true", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_compile_takes_true_and_false_as_pretrain_does(model_dir, capsys):
+    code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--max_new_tokens", "2",
+                              "--compile", "false", "--device", "cpu")
+    assert code == 0, err
+    code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--compile", "maybe",
+                              "--device", "cpu")
+    assert code == 2 and "--compile='maybe' must be auto, yes (true) or no (false)" in err
+
+
+def test_a_preset_without_random_init_names_the_command_line_flag(tmp_path, capsys):
+    code, out, err = main_cli(capsys, "convert", "tiny-llama", str(tmp_path / "out"))
+    assert code == 2 and "--random-init on the command line" in err

@@ -42,3 +42,13 @@ def test_example_configs_are_valid(path, capsys):
     assert exc.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["seq_len"] == options["seq_len"] and printed["out_dir"] == options["out_dir"]
+
+
+
+def test_finetune_without_a_model_says_it_needs_a_trained_one(tmp_path, capsys):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n')
+    code = main(["finetune", "--data", str(chats), "--out_dir", str(tmp_path / "run"), "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model has none (a preset, or a directory without tokenizer.json)" in err
+    assert "pass --model DIR, a trained Hugging Face model with its tokenizer" in err
