@@ -183,8 +183,9 @@ def format_report(report: Any) -> str:
     steps = {f"filter {k}": c["filtered"].get(k, zero)
              for k in ("min_chars", "max_chars", "non_alnum_ratio", "repeated_line_ratio")}
     steps |= {"exact duplicates": c["exact_duplicates"], "near duplicates": c["near_duplicates"]}
+    width = max(map(len, steps))  # "filter repeated_line_ratio" is the longest name
     for name, step in steps.items():
-        lines.append(f"    {name:24s} {step['documents']:>10,} documents {step['bytes']:>14,} bytes")
+        lines.append(f"    {name:{width}s} {step['documents']:>10,} documents {step['bytes']:>14,} bytes")
     lines.append(f"  rewrote: NFC {c['nfc_changed']['documents']:,} documents, control characters in "
                  f"{c['control_chars_removed']['documents']:,} documents ({c['control_chars_removed']['bytes']:,} bytes)")
     if report.bad_records:
