@@ -36,7 +36,7 @@ def test_train_tokenizer_then_prepare(tmp_path):
                   "--min-chars", "5")
     assert out.returncode == 0, out.stderr
     assert "skipped 1 bad records" in out.stdout and "exact duplicates" in out.stdout
-    assert "filter min_chars                  1 documents              2 bytes" in out.stdout
+    assert "filter min_chars                    1 documents              2 bytes" in out.stdout
     report = json.loads((tmp_path / "data" / "report.json").read_text())
     assert report["cleaning"]["exact_duplicates"]["documents"] == 1 and report["bad_records"] == 1
     ds = TokenDataset(tmp_path / "data", 32)
