@@ -29,7 +29,11 @@ DEFAULTS = {  # device -> preset, dtype, prompt length, new tokens, variants
     "cuda": ("llama-3.2-1b", "bfloat16", 128, 256, "bf16,int8,int4,transformers"),
     "cpu": ("gpt2", "float32", 32, 64, "fp32,transformers"),
 }
-HELD_OUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+# the held-out text: the team's shared data, or the copy carried to a lent GPU machine in .gpu_data/
+_REPO = Path(__file__).resolve().parents[1]
+HELD_OUT = next((p for p in (_REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
+                             _REPO / ".gpu_data" / "tinyshakespeare.txt") if p.is_file()),
+                _REPO.parent / "shared" / "data" / "tinyshakespeare.txt")
 
 
 def copy_bandwidth(device: str) -> float:

@@ -63,7 +63,10 @@ def run_engine(model, prompts, params, args, async_scheduling=None):
     start = time.perf_counter()
     llm = LLM(model, **engine_options(args, async_scheduling=async_scheduling))
     setup = time.perf_counter() - start
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up (kernels, graphs)
+    # warm-up: a few real-sized requests, so mixed prefill/decode steps of the timed run find their
+    # Triton kernels compiled (they specialise on sizes); reversed prompts share no prefix-cache blocks
+    warm = [list(reversed(p))[:256] for p in prompts[:8]]
+    llm.generate(warm, [SamplingParams(max_tokens=16, ignore_eos=True)] * len(warm), use_tqdm=False)
     before = llm.stats()
     spans = _record_gpu_spans(llm) if args.device == "cuda" else None
     synchronize(args.device)

@@ -281,10 +281,11 @@ def bench_gpt2(args) -> None:
             t0 = time.perf_counter()
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()  # the other variants' models stay allocated
             run(args.warmup)
             synchronize(device)
             if device.startswith("cuda"):
-                peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+                peaks[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
             print(f"{name}: warm-up (incl. compile) {time.perf_counter() - t0:.1f} s", flush=True)
         times = {name: [] for name in steps}
         for _ in range(args.rounds):
@@ -304,7 +305,8 @@ def bench_gpt2(args) -> None:
              f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps; "
              f"torch threads: {torch.get_num_threads()}.")
     if peaks:
-        notes += " Peak GPU memory during warm-up (GiB): " + ", ".join(f"{n} {g:.1f}" for n, g in peaks.items()) + "."
+        notes += (" Peak GPU memory of a warm-up above what was allocated before it (every variant's weights stay "
+                  "allocated, so this is activations, gradients, optimizer state made then, temporaries; GiB): ") + ", ".join(f"{n} {g:.1f}" for n, g in peaks.items()) + "."
     if device == "cpu":
         notes += " The 2-core machine is shared with other jobs: compare the ratio, not absolute figures."
     report("bench_train: GPT-2 124M training throughput vs transformers", table, notes, args.no_record)

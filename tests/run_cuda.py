@@ -12,8 +12,12 @@ Each file runs in its own process, and the summary lists every file's outcome.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +32,37 @@ def cuda_test_files(roots: list[Path]) -> list[Path]:
     return files
 
 
+def _name(f: Path) -> str:
+    return str(f.relative_to(TESTS.parent)) if f.is_relative_to(TESTS.parent) else str(f)
+
+
+def run_file(f: Path, log_dir: Path | None, timeout: float) -> tuple[int | str, str]:
+    """One file in its own pytest process (and process group), its output streamed to the log as
+    it comes, so a file that hangs, or a call stopped from outside, still leaves the test names
+    that ran. On a timeout the whole group is killed: servers or compile workers it started too."""
+    log = (log_dir / f"{f.parent.name}_{f.stem}.log") if log_dir else None
+    cmd = [sys.executable, "-u", "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", str(f)]
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as scratch, \
+            (open(log, "w", encoding="utf-8") if log else contextlib.nullcontext(scratch)) as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            code: int | str = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = "timeout"
+        sink.flush()
+        sink.seek(0) if sink is scratch else None
+        output = scratch.read() if sink is scratch else log.read_text(encoding="utf-8", errors="replace")
+    return code, output
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", type=Path, help="test files or directories (default: all of tests/)")
     ap.add_argument("--log-dir", type=Path, default=None, help="write each file's pytest output here")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per file before it is stopped")
+    ap.add_argument("--timeout", type=float, default=400,
+                    help="seconds per file before it (and every process it started) is killed")
     args = ap.parse_args()
     files = cuda_test_files([p.resolve() for p in args.paths] or [TESTS])
     if not files:
@@ -47,21 +77,14 @@ def main() -> int:
     results = []
     for f in files:
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", str(f)]
-        try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            code, output = run.returncode, run.stdout + run.stderr
-        except subprocess.TimeoutExpired as err:
-            code = "timeout"
-            output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-        last = next((line for line in reversed(output.strip().splitlines()) if line.strip()), "")
+        code, output = run_file(f, args.log_dir, args.timeout)
+        last = "TIMEOUT" if code == "timeout" else next(
+            (line for line in reversed(output.strip().splitlines()) if line.strip()), "")
         results.append((f, code, time.perf_counter() - start, last))
-        print(f"{f.relative_to(TESTS.parent)}: {last} ({results[-1][2]:.0f} s)", flush=True)
-        if args.log_dir:
-            (args.log_dir / f"{f.parent.name}_{f.stem}.log").write_text(output, encoding="utf-8")
+        print(f"{_name(f)}: {last} ({results[-1][2]:.0f} s)", flush=True)
     failed = [r for r in results if r[1] not in (0, 5)]  # 5: every test deselected (none marked cuda)
     print(f"\n{len(results) - len(failed)} of {len(results)} files passed" +
-          (": failed " + ", ".join(str(r[0].relative_to(TESTS.parent)) for r in failed) if failed else ""))
+          (": failed " + ", ".join(_name(r[0]) for r in failed) if failed else ""))
     return 1 if failed else 0
 
 
