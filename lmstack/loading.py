@@ -67,8 +67,7 @@ def _matching_tokenizer(path: Path, model: Transformer, from_config_json: bool) 
         return None
     tokenizer = Tokenizer.load(path)
     vocab = model.config.vocab_size
-    ids = tokenizer.backend.get_vocab(with_added_tokens=True).values()
-    size = max(tokenizer.vocab_size, max(ids, default=-1) + 1)
+    size = tokenizer.id_space
     if size > vocab:
         where = "config.json vocab_size" if from_config_json else "the model's vocab_size"
         raise CheckpointError(

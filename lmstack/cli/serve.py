@@ -124,9 +124,10 @@ def _check_server_options(port: int, log_level: str, shutdown_timeout: float) ->
     """Check the server's own flags; returns the log level in lower case."""
     import math
 
+    from lmstack.config import is_int
     from lmstack.errors import ConfigError
 
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    if not is_int(port) or not 1 <= port <= 65535:
         raise ConfigError(f"--port {port} must be in 1..65535")
     level = log_level.lower() if isinstance(log_level, str) else log_level
     if level not in LOG_LEVELS:

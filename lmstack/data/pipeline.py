@@ -359,7 +359,6 @@ def _prepare_out_dir(out: Path, config: PrepareConfig, fingerprint: str) -> dict
 
     Only called after `_check_out_dir`: anything removed here was written by an earlier run.
     """
-    _check_out_dir(out, config)
     state_dir = out / STATE_DIR
     state_path = state_dir / "state.json"
     if state_path.exists() and not config.restart and not config.overwrite:
@@ -389,7 +388,6 @@ def _check(config: PrepareConfig, tokenizer: Tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {config.tokenizer} names no eos_token (or it is not in the vocabulary); "
                         "documents are separated by EOS, so set eos_token in its tokenizer_config.json")
-    config.validate()
 
 
 def prepare(config: PrepareConfig) -> PrepareReport:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lmstack.config import is_int
 from lmstack.engine.core import EngineConfig, EngineCore
 from lmstack.engine.outputs import EngineStats, RequestOutput
 from lmstack.errors import ConfigError
@@ -80,7 +81,7 @@ class LLM:
             if sp is not None and not isinstance(sp, SamplingParams):
                 raise ConfigError(f"sampling_params must be SamplingParams (one, or one per prompt), got "
                                   f"{type(sp).__name__}; e.g. SamplingParams(**your_dict)")
-            if isinstance(prio, bool) or not isinstance(prio, int):
+            if not is_int(prio):
                 raise ConfigError(f"priority of prompt {i} is {prio!r}; priorities are integers (lower runs first)")
         requests = []
         for i, (p, text, sp, prio) in enumerate(zip(ids, texts, params, priorities)):

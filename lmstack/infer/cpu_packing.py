@@ -79,7 +79,13 @@ def can_pack(model: nn.Module) -> bool:
     if any(type(w) not in (torch.Tensor, nn.Parameter) or w.device.type != "cpu" or w.dtype != torch.float32
            for w in weights):
         return False  # quantized (torchao) or non-fp32 weights keep their own kernels
-    return sum(w.numel() * 4 for w in {id(w): w for w in weights}.values()) <= MAX_PACKED_BYTES
+    return linear_weight_bytes(model) <= MAX_PACKED_BYTES
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """fp32 bytes of the plain Linear weights, a tied one counted once: what a decode step reads."""
+    weights = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Linear}
+    return sum(w.numel() * 4 for w in weights.values())
 
 
 class _BlasStep(threading.local):
@@ -172,11 +178,9 @@ def packed_for_cpu_decoding(model: nn.Module) -> nn.Module:
     """A copy of `model` whose linears are PackedLinear; every other tensor is shared, not copied."""
     memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     view = copy.deepcopy(model, memo)
-    weights = {}
+    view.packed_weight_bytes = linear_weight_bytes(view)  # before the swap: PackedLinear is no nn.Linear
     for module in list(view.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, PackedLinear(child))
-                weights[id(child.weight)] = child.weight.numel() * 4
-    view.packed_weight_bytes = sum(weights.values())
     return view.eval()

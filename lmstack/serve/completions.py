@@ -149,6 +149,10 @@ async def _collect(state: Any, req: CompletionRequest, plan: list[_Prompt], tick
             _apply(choices[i * n + d.index], d)
     out = []
     for i, p in enumerate(plan):
+        prompt_lp = None  # the same for every sample of the prompt
+        if req.prompt_logprobs is not None and i in first:
+            prompt_lp = prompt_logprobs_vllm(state.texts, p.token_ids, first[i].prompt_logprobs,
+                                             first[i].prompt_top_logprobs)
         for j in range(n):
             c = choices[i * n + j]
             text = (p.text + c.text) if req.echo else c.text
@@ -161,10 +165,6 @@ async def _collect(state: Any, req: CompletionRequest, plan: list[_Prompt], tick
                         getattr(head, name).extend(getattr(lp, name))
                     lp = head
                 logprobs = lp
-            prompt_lp = None
-            if req.prompt_logprobs is not None and i in first:
-                prompt_lp = prompt_logprobs_vllm(state.texts, p.token_ids, first[i].prompt_logprobs,
-                                                 first[i].prompt_top_logprobs)
             out.append(CompletionChoice(index=i * n + j, text=text, logprobs=logprobs, prompt_logprobs=prompt_lp,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason))
     return out
@@ -207,7 +207,7 @@ async def _stream(state: Any, req: CompletionRequest, plan: list[_Prompt], reque
         usage = None
         if continuous:  # this choice's prompt and its tokens so far, as vLLM reports them
             p, c = len(plan[index // n].token_ids), len(choices[index].token_ids)
-            usage = UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c).model_dump()
+            usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}  # UsageInfo's shape
         return (f'{head}"choices":[{json.dumps(choice)}],"system_fingerprint":null,'
                 f'"usage":{json.dumps(usage)}}}\n\n')
 

@@ -29,6 +29,7 @@ from lmstack.checkpoint.state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from lmstack.config import ModelConfig
 from lmstack.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmstack.model.transformer import Transformer
 from lmstack.train import distributed as D
@@ -154,7 +155,7 @@ class Trainer:
     def _check_same_padding(self, saved: dict[str, Any], path: Path) -> None:
         """The padded embedding rows are in the optimizer state's shapes, though not in config.json."""
         multiple = max(1, saved["pad_vocab_to_multiple"])
-        rows = (saved["vocab_size"] + multiple - 1) // multiple * multiple
+        rows = ModelConfig.from_dict(saved).padded_vocab_size
         if rows != self.model_config.padded_vocab_size:
             raise CheckpointError(
                 f"checkpoint {path} pads the vocabulary to {rows} rows (pad_vocab_to_multiple={multiple}) but this "
