@@ -139,7 +139,7 @@ class EngineCore:
         self._request_ids = itertools.count()
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
-        self._sampling_cache: tuple[tuple[int, ...], SamplingTensors, dict[int, bool]] | None = None
+        self._sampling_cache: tuple[tuple[int, ...], SamplingTensors] | None = None
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self._inflight: _Launched | None = None  # launched, not read back yet (overlapped scheduling)
@@ -407,17 +407,15 @@ class EngineCore:
         cached = self._sampling_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        # Some finished: keep the others' rows, unless one that left needed token counts
-        # (penalties, min_tokens): its flags would stay on and ask for counts the overlapped
-        # step cannot give (its newest tokens are still on the device).
-        if cached is not None and set(key) <= set(cached[0]) and not any(
-                needs for seq_id, needs in cached[2].items() if seq_id not in key):
+        if cached is not None and set(key) <= set(cached[0]):  # some finished: keep the others' rows
             row = {seq_id: i for i, seq_id in enumerate(cached[0])}
-            tensors = _select_rows(cached[1], [row[seq_id] for seq_id in key])
+            rows = [row[seq_id] for seq_id in key]
+            tensors = cached[1].select(rows, params=[seq.params for seq in seqs],
+                                       index=to_device(rows, torch.long, self.device))
         else:
             tensors = SamplingTensors.from_params([seq.params for seq in seqs], self.vocab_size, self.device,
                                                   self.eos_token_ids, generators=[seq.generator for seq in seqs])
-        self._sampling_cache = (key, tensors, {seq.seq_id: seq.request.needs_sync for seq in seqs})
+        self._sampling_cache = (key, tensors)
         return tensors
 
     def _token_counts(self, seqs: list[Sequence]) -> TokenCounts:
@@ -507,17 +505,6 @@ class EngineCore:
         s.prefix_cache_queries_total = self.scheduler.prefix_cache_queries
         s.prefix_cache_hits_total = self.scheduler.prefix_cache_hits
         return s
-
-
-def _select_rows(tensors: SamplingTensors, rows: list[int]) -> SamplingTensors:
-    """`SamplingTensors.select` without its host round trip of the index (it would stall async steps)."""
-    idx = to_device(rows, torch.long, tensors.temperature.device)
-    values = {f.name: getattr(tensors, f.name) for f in fields(tensors)}
-    for name, value in values.items():
-        if isinstance(value, torch.Tensor):
-            values[name] = value.index_select(0, idx)
-    values["generators"] = [tensors.generators[i] for i in rows]
-    return SamplingTensors(**values)
 
 
 def _delta(seq: Sequence) -> CompletionOutput:

@@ -51,6 +51,7 @@ class SamplingTensors:
     do_repetition: bool
     do_presence_frequency: bool
     all_greedy: bool
+    vocab_size: int
 
     @property
     def batch_size(self) -> int:
@@ -112,24 +113,46 @@ class SamplingTensors:
             min_tokens=col([p.min_tokens for p in params], torch.int64),
             logit_bias=logit_bias, banned=banned, stop_ids=stop_ids,
             generators=list(generators),
-            max_top_k=max((k for k, g in zip(top_k, greedy) if k < V and not g), default=0),
-            do_top_p=any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)),
-            do_min_p=any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)),
-            do_repetition=any(p.repetition_penalty != 1.0 for p in params),
-            do_presence_frequency=any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params),
-            all_greedy=all(greedy),
+            vocab_size=V, **_switches(params, V),
         )
 
-    def select(self, rows: Sequence[int] | torch.Tensor) -> SamplingTensors:
-        """The tensors of some rows (duplicates allowed: n samples, beams); generators are shared."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.temperature.device)
-        host = idx.tolist()
+    def select(self, rows: Sequence[int], params: Sequence[SamplingParams] | None = None,
+               index: torch.Tensor | None = None) -> SamplingTensors:
+        """The tensors of some rows (duplicates allowed: n samples, beams); generators are shared.
+
+        params: the kept rows' options, when rows were dropped; the switches are recomputed from
+        them, so a row that left with penalties or min_tokens does not leave its processor on
+        (it would ask for token counts nobody needs). index: `rows` already on the device (a
+        caller that must not synchronise builds it with a non-blocking copy).
+        """
+        rows = list(rows)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.temperature.device) if index is None else index
         out = {}
         for f in self.__dataclass_fields__:
             value = getattr(self, f)
             out[f] = value.index_select(0, idx) if isinstance(value, torch.Tensor) else value
-        out["generators"] = [self.generators[i] for i in host]
+        out["generators"] = [self.generators[i] for i in rows]
+        if params is not None:
+            out.update(_switches(params, self.vocab_size))
+            for name, used in (("logit_bias", any(p.logit_bias for p in params)),
+                               ("banned", any(p.banned_token_ids for p in params)),
+                               ("stop_ids", any(p.min_tokens > 0 for p in params))):
+                if not used:
+                    out[name] = None
         return SamplingTensors(**out)
+
+
+def _switches(params: Sequence[SamplingParams], vocab_size: int) -> dict:
+    """Which processors rows `params` need (the flags of `SamplingTensors`)."""
+    greedy = [p.temperature == 0.0 for p in params]
+    return dict(
+        max_top_k=max((p.top_k for p, g in zip(params, greedy) if 0 < p.top_k < vocab_size and not g), default=0),
+        do_top_p=any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)),
+        do_min_p=any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)),
+        do_repetition=any(p.repetition_penalty != 1.0 for p in params),
+        do_presence_frequency=any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params),
+        all_greedy=all(greedy),
+    )
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

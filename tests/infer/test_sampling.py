@@ -127,6 +127,23 @@ def test_rows_keep_their_own_parameters():
         _same(batched[row : row + 1], alone)
 
 
+def test_selected_rows_with_their_params_equal_fresh_tensors():
+    """Rows kept after others left (the engine's steady batches) switch off what only the leavers used."""
+    params = [SamplingParams(temperature=0.5, top_k=3, repetition_penalty=1.3, min_tokens=2, logit_bias={4: 2.0}),
+              SamplingParams(top_p=0.6), SamplingParams(temperature=0, banned_token_ids=[7])]
+    kept = [2, 1]
+    selected = _tensors(params).select(kept, params=[params[i] for i in kept])
+    fresh = _tensors([params[i] for i in kept])
+    assert (selected.stop_ids, selected.logit_bias, fresh.stop_ids, fresh.logit_bias) == (None,) * 4
+    for name in ("max_top_k", "do_top_p", "do_min_p", "do_repetition", "do_presence_frequency", "all_greedy"):
+        assert getattr(selected, name) == getattr(fresh, name), name
+    assert not selected.do_repetition and selected.max_top_k == 0 and selected.do_top_p
+    x = _logits(B=2)
+    _same(process_logits(x, selected), process_logits(x, fresh))
+    # without params the switches stay as they were (duplicating rows keeps every processor)
+    assert _tensors(params).select(kept).do_repetition
+
+
 def test_temperature_zero_is_greedy_and_ignores_filters():
     x = _logits(B=2)
     t = _tensors([SamplingParams(temperature=0, top_k=1, top_p=0.1), SamplingParams(temperature=0)])
