@@ -161,8 +161,12 @@ def merge_generation_config(shipped: dict, ours: dict) -> dict:
 
 
 def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard_size: int | str = "5GB",
-            dtype: torch.dtype | str | None = None) -> Path:
-    """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer."""
+            dtype: torch.dtype | str | None = None, generation_defaults: dict | None = None) -> Path:
+    """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer.
+
+    generation_defaults: a source model's generation_config.json (stop ids, sampling defaults),
+    merged with the model config's token ids; else the one already in `directory` is kept so.
+    """
     from lmstack.infer.quantize import refuse_quantized_model
 
     if not str(directory):
@@ -201,7 +205,9 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
     generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
                                      ("pad_token_id", config.pad_token_id)) if v is not None}
     existing = directory / "generation_config.json"
-    if existing.is_file():  # keep sampling defaults a model shipped with
+    if generation_defaults is not None:
+        generation = merge_generation_config(generation_defaults, generation)
+    elif existing.is_file():  # keep sampling defaults a model shipped with
         try:
             shipped = json.loads(existing.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):

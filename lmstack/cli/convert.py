@@ -25,12 +25,11 @@ def convert(
         random_init: Build the model with fresh random weights instead of loading them.
         seed: Random seed for --random_init.
     """
-    import json
     from pathlib import Path
 
     import lmstack
-    from lmstack.checkpoint.files import atomic_write_bytes, parse_size
-    from lmstack.checkpoint.hf import merge_generation_config, resolve_dtype
+    from lmstack.checkpoint.files import parse_size
+    from lmstack.checkpoint.hf import resolve_dtype
     from lmstack.errors import CheckpointError
 
     if Path(out).resolve() == Path(source).resolve():
@@ -40,11 +39,8 @@ def convert(
     parse_size(max_shard_size)  # a bad size fails before the model is loaded
     shipped = _source_generation_config(Path(source))
     model, tokenizer = lmstack.load(source, random_init=random_init, dtype=resolve_dtype(dtype), seed=seed)
-    path = model.save_pretrained(out, tokenizer=tokenizer, max_shard_size=max_shard_size)
-    if shipped is not None:  # merged after saving, so a refused save leaves no --out behind
-        written = Path(path) / "generation_config.json"
-        merged = merge_generation_config(shipped, json.loads(written.read_text()))
-        atomic_write_bytes(written, (json.dumps(merged, indent=2) + "\n").encode())
+    path = model.save_pretrained(out, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                                 generation_defaults=shipped)
     n = model.num_parameters()
     print(f"wrote {path} ({model.config.family}, {n / 1e6:.1f}M parameters, {model.dtype})")
 

@@ -242,11 +242,12 @@ class Transformer(nn.Module):
         return self.embed.weight.dtype
 
     def save_pretrained(self, directory: str | Path, tokenizer=None, max_shard_size: int | str = "5GB",
-                        dtype: torch.dtype | str | None = None) -> Path:
+                        dtype: torch.dtype | str | None = None, generation_defaults: dict | None = None) -> Path:
         """Write a Hugging Face directory (config.json, safetensors, generation_config.json)."""
         from lmstack.checkpoint.hf import save_hf
 
-        return save_hf(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype)
+        return save_hf(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype,
+                       generation_defaults=generation_defaults)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | str | None = None,
