@@ -125,14 +125,10 @@ def _read_chat_templates(directory: Path, legacy: bool = True
     templates: dict[str, str] = {}
     origins: dict[str | None, Path] = {}
     default = directory / "chat_template.jinja"
-    if default.is_file():
-        templates["default"] = _read_text(default)
-        origins["default"] = default
-    extra = directory / "additional_chat_templates"
-    if extra.is_dir():
-        for path in sorted(extra.glob("*.jinja")):
-            templates[path.stem] = _read_text(path)
-            origins[path.stem] = path
+    for path in _jinja_template_files(directory):
+        name = "default" if path == default else path.stem
+        templates[name] = _read_text(path)
+        origins[name] = path
     legacy_path = directory / "chat_template.json"
     if not templates and legacy and legacy_path.is_file():
         template = _read_json(legacy_path).get("chat_template")
