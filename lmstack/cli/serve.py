@@ -139,7 +139,6 @@ def _check_server_options(port: int, log_level: str, shutdown_timeout: float) ->
 
 def _check_engine_options(options: dict) -> None:
     """EngineConfig's own checks, with the messages naming the flags."""
-    import math
 
     from lmstack.engine.core import EngineConfig
     from lmstack.errors import ConfigError
@@ -152,8 +151,6 @@ def _check_engine_options(options: dict) -> None:
             if message.startswith(f"{name}="):  # "max_num_seqs=0 must be ..." -> "--max_num_seqs 0 must be ..."
                 raise ConfigError(f"--{name} {message[len(name) + 1:]}") from None
         raise
-    if not math.isfinite(options["cpu_kv_cache_gib"]):
-        raise ConfigError(f"--cpu_kv_cache_gib {options['cpu_kv_cache_gib']} must be a finite number of GiB > 0")
 
 
 def _check_dtype(dtype: str) -> None:

@@ -9,6 +9,7 @@ for the server. Sampling, logprobs, stop conditions and detokenization are the o
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field, fields
 
@@ -71,10 +72,14 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
                 raise ConfigError(f"{name}={value!r} must be a positive integer or None")
+        for name in ("gpu_memory_utilization", "cpu_kv_cache_gib"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be a finite number")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.cpu_kv_cache_gib <= 0:
-            raise ConfigError(f"cpu_kv_cache_gib={self.cpu_kv_cache_gib} must be > 0")
+            raise ConfigError(f"cpu_kv_cache_gib={self.cpu_kv_cache_gib} must be > 0 (GiB)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         return self

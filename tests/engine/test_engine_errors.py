@@ -38,6 +38,9 @@ def test_bad_arguments(llm):
         LLM(tiny_model("llama"), num_block=3)
     with pytest.raises(ConfigError, match="attention_backend='flash' is not one of"):
         LLM(tiny_model("llama"), num_blocks=4, attention_backend="flash")
+    for value in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ConfigError, match=r"cpu_kv_cache_gib=.* must be a finite number"):
+            EngineConfig(cpu_kv_cache_gib=value).validate()
     core = EngineCore(tiny_model("llama"), config=EngineConfig(num_blocks=4))
     core.add_request([5, 6], request_id="a")
     with pytest.raises(RequestError, match="request_id 'a' is already in use"):
