@@ -99,7 +99,6 @@ class ServeState:
             raise ConfigError("the server needs a tokenizer: the model directory has no tokenizer.json; add one "
                               "or pass tokenizer=...")
         self.tokenizer, self.texts, self.engine = tokenizer, TokenTexts(tokenizer), client
-        self.texts.max_chars_per_token()  # computed once now (a pass over the vocabulary), not in a request
         self.metrics.starting.labels(self.config.model_names[0]).set(0)
 
     def _stats(self) -> Any:

@@ -47,11 +47,12 @@ class TokenTexts:
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
         try:
-            self._spec = json.loads(tokenizer.backend.to_str())
+            spec = json.loads(tokenizer.backend.to_str())
         except Exception:  # a tokenizer-like object without a `tokenizers` backend
-            self._spec = {}
-        self.byte_level = "ByteLevel" in json.dumps(self._spec.get("decoder") or {})
-        self._chars_per_token: int | None | bool = False  # False: not computed yet
+            spec = {}
+        self.byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
+        # computed now (one pass over the vocabulary) so the parsed tokenizer.json is not kept
+        self._chars_per_token = _max_chars_per_token(spec) if self.byte_level else None
 
     def max_chars_per_token(self) -> int | None:
         """An upper bound on how many characters of input text one token can stand for, or None
@@ -63,38 +64,7 @@ class TokenTexts:
         exactly one token, and a character is at least one byte; NFC composition turns at most
         two characters into each byte of the result, hence the factor 2.
         """
-        if self._chars_per_token is False:
-            self._chars_per_token = self._compute_chars_per_token()
-        return self._chars_per_token  # type: ignore[return-value]
-
-    def _compute_chars_per_token(self) -> int | None:
-        spec = self._spec
-        if not spec or not self.byte_level or (spec.get("model") or {}).get("type") != "BPE":
-            return None
-        normalizer = spec.get("normalizer")
-        factor = {None: 1, "NFC": 2}.get(None if normalizer is None else normalizer.get("type"), 0)
-        if not factor:
-            return None
-
-        def lossless(pre: dict | None) -> bool:
-            if pre is None:
-                return False  # byte-level BPE always has a ByteLevel pre-tokenizer
-            kind = pre.get("type")
-            if kind == "Sequence":
-                return all(lossless(p) or p.get("type") in ("Split", "Digits", "Punctuation")
-                           and p.get("behavior") != "Removed" for p in pre.get("pretokenizers", []))
-            return kind == "ByteLevel"
-
-        if not lossless(spec.get("pre_tokenizer")) or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-            return None
-        added = spec.get("added_tokens") or []
-        if any(t.get("lstrip") or t.get("rstrip") for t in added):
-            return None
-        table = _byte_decoder()
-        longest = max((len(t.get("content", "")) for t in added), default=1)
-        for piece in (spec.get("model") or {}).get("vocab", {}):
-            longest = max(longest, len(piece) if all(c in table for c in piece) else len(piece.encode("utf-8")))
-        return longest * factor
+        return self._chars_per_token
 
     def text(self, token_id: int) -> str:
         text = self._text.get(token_id)
@@ -118,6 +88,36 @@ class TokenTexts:
             if self.byte_level and all(c in table for c in piece):
                 return [table[c] for c in piece]
         return list(self.text(token_id).encode("utf-8"))
+
+
+def _max_chars_per_token(spec: dict) -> int | None:
+    """`TokenTexts.max_chars_per_token` from a byte-level tokenizer's parsed tokenizer.json."""
+    if (spec.get("model") or {}).get("type") != "BPE":
+        return None
+    normalizer = spec.get("normalizer")
+    factor = {None: 1, "NFC": 2}.get(None if normalizer is None else normalizer.get("type"), 0)
+    if not factor:
+        return None
+
+    def lossless(pre: dict | None) -> bool:
+        if pre is None:
+            return False  # byte-level BPE always has a ByteLevel pre-tokenizer
+        kind = pre.get("type")
+        if kind == "Sequence":
+            return all(lossless(p) or p.get("type") in ("Split", "Digits", "Punctuation")
+                       and p.get("behavior") != "Removed" for p in pre.get("pretokenizers", []))
+        return kind == "ByteLevel"
+
+    if not lossless(spec.get("pre_tokenizer")) or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        return None
+    added = spec.get("added_tokens") or []
+    if any(t.get("lstrip") or t.get("rstrip") for t in added):
+        return None
+    table = _byte_decoder()
+    longest = max((len(t.get("content", "")) for t in added), default=1)
+    for piece in (spec.get("model") or {}).get("vocab", {}):
+        longest = max(longest, len(piece) if all(c in table for c in piece) else len(piece.encode("utf-8")))
+    return longest * factor
 
 
 def completion_logprobs(texts: TokenTexts, token_ids: list[int], logprobs: list[float | None],
