@@ -26,8 +26,10 @@ def commands() -> dict:
     return {
         "convert": convert,
         "serve": serve,
-        "tokenizer": {"train": tokenizer_train},
-        "data": {"prepare": data_prepare},
+        "tokenizer": {"_help": "Train a tokenizer on text (lmstack tokenizer train --help).",
+                      "train": tokenizer_train},
+        "data": {"_help": "Clean, deduplicate and tokenize a corpus (lmstack data prepare --help).",
+                 "prepare": data_prepare},
         "generate": generate,
         "chat": chat,
         "quantize": quantize,

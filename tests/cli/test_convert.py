@@ -16,8 +16,14 @@ def run_cli(*args, cwd=None):
 
 
 def test_help_lists_commands_and_defaults():
+    from lmstack.cli import commands
+
     out = run_cli("--help")
     assert out.returncode == 0 and "convert" in out.stdout
+    listing = out.stdout.split("Available subcommands:")[1].splitlines()
+    for name in commands():  # every command has a one-line description beside its name
+        line = next(line for line in listing if line.split()[:1] == [name])
+        assert len(line.split()) > 1, f"`lmstack --help` lists {name!r} without a description"
     out = run_cli("convert", "--help")
     assert out.returncode == 0 and "default: 5GB" in out.stdout and "--config" in out.stdout
 
