@@ -83,7 +83,6 @@ class ServeState:
         self.engine: EngineClient | None = None
         self.tokenizer = tokenizer
         self.texts: TokenTexts | None = None
-        self.load_error: str | None = None
         self.load_exception: BaseException | None = None  # what the loader raised
         self.on_load_failure: list[Callable[[BaseException], None]] = []  # e.g. the server stopping itself
         self.created = now()
@@ -100,6 +99,12 @@ class ServeState:
                               "or pass tokenizer=...")
         self.tokenizer, self.texts, self.engine = tokenizer, TokenTexts(tokenizer), client
         self.metrics.starting.labels(self.config.model_names[0]).set(0)
+
+    @property
+    def load_error(self) -> str | None:
+        """Why the model failed to load (permanent: /health reports it until the server stops)."""
+        err = self.load_exception
+        return None if err is None else f"{type(err).__name__}: {err}"
 
     def _stats(self) -> Any:
         return self.engine.stats() if self.engine is not None else None
@@ -164,7 +169,6 @@ def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | 
                     state.set_engine(await asyncio.to_thread(loader))
                 except Exception as err:  # permanent: reported by /health until the server stops
                     log.error("loading the model failed", exc_info=not isinstance(err, LmstackError))
-                    state.load_error = f"{type(err).__name__}: {err}"
                     state.load_exception = err
                     for callback in state.on_load_failure:
                         callback(err)
