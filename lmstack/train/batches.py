@@ -105,7 +105,7 @@ def open_sft_data(path: str | None, val_path: str | None, tokenizer, seq_len: in
             raise DataError(f"{option} {p} is a directory; fine-tuning reads a .jsonl (or .json list) file of "
                             "conversations ({'messages': [{'role': ..., 'content': ...}, ...]} per line)")
         if p is not None and not Path(p).exists():
-            raise DataError(f"fine-tuning data {p} does not exist")
+            raise DataError(f"{option} {p} does not exist; give a .jsonl file of conversations")
     if tokenizer is None:
         raise DataError("fine-tuning needs a tokenizer, and --model has none (a preset, or a directory without "
                         "tokenizer.json): pass --model DIR, a trained Hugging Face model with its tokenizer "

@@ -120,6 +120,16 @@ def _check_no_model_options(config: TrainConfig) -> None:
                               "model's ModelConfig instead")
 
 
+def check_model_source(config: TrainConfig) -> None:
+    """--model names a model directory or a preset (checked first: every later message assumes it does)."""
+    path = Path(config.model)
+    if path.is_dir() or config.model in PRESETS:
+        return
+    what = f"{path} is a file, not a model directory" if path.exists() else f"{path} does not exist"
+    raise CheckpointError(f"--model {config.model!r} is neither a model directory nor a preset ({what}); "
+                          f"presets: {', '.join(sorted(PRESETS))}")
+
+
 def model_config_for(config: TrainConfig, model: Transformer | None, data_vocab: int | None,
                      tokenizer) -> ModelConfig:
     """The ModelConfig this run trains, from a given model, an HF directory or a preset."""
@@ -142,9 +152,7 @@ def model_config_for(config: TrainConfig, model: Transformer | None, data_vocab:
         overrides.setdefault("dtype", "float32")
         cfg = apply_overrides(get_preset(config.model), overrides)
     else:
-        raise CheckpointError(
-            f"model {config.model!r} is neither a model directory nor a preset; presets: {', '.join(sorted(PRESETS))}"
-        )
+        check_model_source(config)
     changes: dict[str, Any] = {"pad_vocab_to_multiple": config.pad_vocab_to_multiple}
     if config.dropout is not None:
         changes["dropout"] = config.dropout

@@ -38,6 +38,7 @@ from lmstack.train.config import TrainConfig
 from lmstack.train.logging import RunLogger, peak_flops, plot_losses, read_metrics, write_report
 from lmstack.train.model_setup import (
     build_model,
+    check_model_source,
     check_out_dir,
     check_tokenizers,
     load_tokenizer,
@@ -63,6 +64,8 @@ class Trainer:
         self.config = c = config
         self.out_dir = Path(c.out_dir)
         check_out_dir(self.out_dir)  # before any work: a run that cannot save would be lost
+        if model is None:
+            check_model_source(c)
         self.dist = D.setup(c.device)
         self.device = self.dist.device
         self.precision = resolve_precision(c.precision, self.device)
@@ -82,7 +85,8 @@ class Trainer:
         if c.seq_len > self.model_config.max_position_embeddings:
             raise ConfigError(
                 f"seq_len={c.seq_len} does not fit the model's context (max_position_embeddings="
-                f"{self.model_config.max_position_embeddings}); lower --seq_len"
+                f"{self.model_config.max_position_embeddings}); pass --seq_len "
+                f"{self.model_config.max_position_embeddings} or less"
             )
         self.resume_from, state = self._find_resume()
 

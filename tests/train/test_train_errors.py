@@ -54,7 +54,16 @@ def test_missing_data_directory(tmp_path, capsys):
     assert "data directory" in err and "nowhere" in err and "does not exist" in err and "lmstack data prepare" in err
     assert not (tmp_path / "out").exists()
     code = main(["finetune", "--model", "tiny-llama", "--data", str(tmp_path / "chats.jsonl")])
-    assert code == 2 and "chats.jsonl does not exist" in capsys.readouterr().err
+    assert code == 2 and "--data " in (err := capsys.readouterr().err) and "chats.jsonl does not exist" in err
+    (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    code = main(["finetune", "--model", "tiny-llama", "--data", str(tmp_path / "chats.jsonl"),
+                 "--val_data", str(tmp_path / "val.jsonl")])
+    assert code == 2 and "--val_data " in (err := capsys.readouterr().err) and "val.jsonl does not exist" in err
+    # a model path that does not exist is named as such, not as a model "without a tokenizer"
+    code = main(["finetune", "--model", str(tmp_path / "nosuch"), "--data", str(tmp_path / "chats.jsonl"),
+                 "--out_dir", str(tmp_path / "ft")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model" in err and "nosuch does not exist" in err and "presets:" in err, err
 
 
 @pytest.mark.parametrize("change, message", [
@@ -67,7 +76,7 @@ def test_out_of_range_options(tmp_path, change, message):
 
 
 def test_batch_that_does_not_fit_the_context(tmp_path):
-    with pytest.raises(ConfigError, match=r"seq_len=512 does not fit the model's context.*256"):
+    with pytest.raises(ConfigError, match=r"seq_len=512 does not fit the model's context.*256.*--seq_len 256 or less"):
         toy_trainer(tmp_path, seq_len=512)
     # a loader that hands out longer rows than configured is stopped before the first update
     long = torch.randint(0, 256, (2, 300))
