@@ -42,16 +42,57 @@ def commands() -> dict:
 _TRUE_FALSE = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
-def _command_params(argv: list[str]) -> dict[str, str]:
-    """{parameter: annotation text} of the command that argv names (empty if none yet)."""
+_PARSER_OPTIONS = {"help", "config", "print_config"}  # jsonargparse's own, on every command
+
+
+def _command_path(words: list[str]) -> list[str]:
+    """The command words at the start of `words` ("data", "prepare"), as far as the tree goes."""
     tree: object = commands()
-    for word in argv:
-        if not isinstance(tree, dict) or word not in tree:
+    path = []
+    for word in words:
+        if not isinstance(tree, dict) or word not in tree or word.startswith("_"):
             break
         tree = tree[word]
-    if not callable(tree):
+        path.append(word)
+    return path if callable(tree) else []
+
+
+def _command_params(argv: list[str]) -> dict[str, str]:
+    """{parameter: annotation text} of the command that argv names (empty if none yet)."""
+    path = _command_path(argv)
+    if not path:
         return {}
+    tree: object = commands()
+    for word in path:
+        tree = tree[word]  # type: ignore[index]
     return {name: str(p.annotation) for name, p in inspect.signature(tree).parameters.items()}
+
+
+def _unknown(name: str, known: dict[str, str], where: str, command: list[str]) -> LmstackError:
+    """An unknown option, with the closest known one (`--vocab_szie` -> did you mean --vocab_size?)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"; did you mean --{close[0]}?" if close else ""
+    return LmstackError(f"{where} is not an option of `lmstack {' '.join(command)}`{hint} "
+                        f"(see lmstack {' '.join(command)} --help)")
+
+
+def _check_config_file(path: str, params: dict[str, str], command: list[str]) -> None:
+    """Keys of a --config YAML given after a command must be its options: jsonargparse reports a
+    wrong key of a two-word command (`data prepare`) only as "error: 'data'"."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return  # jsonargparse names the file and the problem
+    if not isinstance(data, dict):
+        return
+    for key in data:
+        name = str(key).replace("-", "_")
+        if name not in params and name not in _PARSER_OPTIONS:
+            raise _unknown(name, params, f"--config {path}: key {key!r}", command)
 
 
 def normalize_flags(argv: list[str]) -> list[str]:
@@ -60,8 +101,11 @@ def normalize_flags(argv: list[str]) -> list[str]:
     `--max-shard-size` is `--max_shard_size`; a bare boolean flag (`--stream`) means true and
     `--no-stream` false; a list option given several times (`--input a --input b`) keeps every
     value (jsonargparse alone would keep only the last); any other option given twice is an error.
+    An option (or a --config key) the command does not have is named with the closest one.
     """
-    params = _command_params([a for a in argv if not a.startswith("-")])
+    words = [a for a in argv if not a.startswith("-")]
+    command = _command_path(words)
+    params = _command_params(words)
     is_bool = {n for n, a in params.items() if a.replace(" ", "") in ("bool", "bool|None", "Optional[bool]")}
     is_list = {n for n, a in params.items() if a.startswith(("list", "List", "Sequence")) or "list[" in a}
     names = [a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2]
@@ -74,6 +118,12 @@ def normalize_flags(argv: list[str]) -> list[str]:
         name, sep, value = arg[2:].partition("=")
         name = name.replace("-", "_")
         following = argv[i + 1] if i + 1 < len(argv) else None
+        base = name[3:] if name.startswith("no_") and name[3:] in is_bool else name
+        after_command = bool(command) and i > max(argv.index(word) for word in command)
+        if after_command and base.rstrip("+") not in params and base not in _PARSER_OPTIONS and "." not in base:
+            raise _unknown(base, params, f"--{arg[2:].partition('=')[0]}", command)
+        if after_command and name == "config" and (value or following):
+            _check_config_file(value if sep else following, params, command)
         if name.startswith("no_") and name[3:] in is_bool and not sep:
             out += [f"--{name[3:]}", "false"]
             continue

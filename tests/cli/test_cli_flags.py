@@ -1,4 +1,4 @@
-"""How the CLI reads flags: dashes, bare booleans, repeated list options, repeated scalars."""
+"""How the CLI reads flags: dashes, bare booleans, repeated list options, repeated scalars, unknown names."""
 
 import pytest
 
@@ -28,3 +28,27 @@ def test_repeated_list_option_keeps_every_value():
 def test_repeated_scalar_option_is_an_error():
     with pytest.raises(LmstackError, match="option --workers is given twice"):
         normalize_flags(["data", "prepare", "--workers", "1", "--workers", "2"])
+
+
+def test_a_mistyped_option_is_named_with_the_closest_one():
+    with pytest.raises(LmstackError, match=r"--vocab-szie is not an option of `lmstack tokenizer train`; "
+                                           r"did you mean --vocab_size\?"):
+        normalize_flags(["tokenizer", "train", "--input", "a.txt", "--vocab-szie", "500"])
+    with pytest.raises(LmstackError, match=r"--max_stepz is not an option of `lmstack pretrain`; did you mean "
+                                           r"--max_steps\?"):
+        normalize_flags(["pretrain", "--max_stepz", "3"])
+    # the parser's own options, list appends and --no-<bool> are still known
+    assert normalize_flags(["generate", "--help"]) == ["generate", "--help"]
+    assert normalize_flags(["generate", "--no-stream"]) == ["generate", "--stream", "false"]
+
+
+def test_a_wrong_key_in_a_config_file_is_named(tmp_path):
+    """jsonargparse reports it for two-word commands only as "error: 'data'"."""
+    bad = tmp_path / "prepare.yaml"
+    bad.write_text("inputt: corpus/\nout: runs/data\n")
+    with pytest.raises(LmstackError, match=rf"--config {bad}: key 'inputt' is not an option of `lmstack data "
+                                           r"prepare`; did you mean --input\?"):
+        normalize_flags(["data", "prepare", "--config", str(bad)])
+    good = tmp_path / "good.yaml"
+    good.write_text("input: [corpus/]\nout: runs/data\n")
+    assert normalize_flags(["data", "prepare", f"--config={good}"]) == ["data", "prepare", f"--config={good}"]
