@@ -44,7 +44,7 @@ def serve(
     """Serve a model over OpenAI's API: /v1/completions, /v1/chat/completions, /v1/embeddings and more.
 
     Args:
-        model: A Hugging Face model directory (with tokenizer.json), e.g. runs/quickstart.
+        model: A Hugging Face model directory (with tokenizer.json), e.g. runs/quickstart/model.
         host: Address to bind. The default, 127.0.0.1, is reachable only from this machine; use 0.0.0.0 with --api-key.
         port: TCP port, 1..65535.
         api_key: Required 'Authorization: Bearer' key (several: comma-separated). Default: $LMSTACK_API_KEY, else open.
@@ -95,6 +95,7 @@ def serve(
 
     torch_device = resolve_device(device)
     _check_model_files(model, max_model_len)  # config.json and the weights' headers, before the port is bound
+    _check_port_free(host, port)  # before loading: uvicorn would report it only after the model loaded
 
     from lmstack.serve.admission import ServeLimits
     from lmstack.serve.app import ServeConfig, create_app
@@ -135,6 +136,31 @@ def _check_server_options(port: int, log_level: str, shutdown_timeout: float) ->
     if not (math.isfinite(shutdown_timeout) and shutdown_timeout >= 0):
         raise ConfigError(f"--shutdown_timeout {shutdown_timeout} must be a number of seconds >= 0")
     return level
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind (host, port) once, as uvicorn will (SO_REUSEADDR), so a port in use or a host that is
+    not this machine's is one clear error instead of uvicorn's log line and exit code 3."""
+    import errno
+    import socket
+
+    from lmstack.errors import ConfigError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise ConfigError(f"--host {host!r} is not an address of this machine ({err.strerror}); use 127.0.0.1 or "
+                          "0.0.0.0") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port {port} is already in use on {host}; stop what listens there or choose "
+                                  "another --port") from None
+            raise ConfigError(f"cannot listen on --host {host} --port {port}: {err.strerror}") from None
 
 
 def _check_engine_options(options: dict) -> None:

@@ -79,10 +79,22 @@ def test_a_cuda_device_that_does_not_exist_is_a_clear_error(tiny_dir, capsys, no
 
 
 def test_good_options_reach_the_server(tiny_dir, capsys, no_server):
-    code = main(["serve", str(tiny_dir), "--port", "65535", "--device", "cpu", "--max_model_len", "256",
+    port = _free_port()
+    code = main(["serve", str(tiny_dir), "--port", str(port), "--device", "cpu", "--max_model_len", "256",
                  "--log_level", "WARNING", "--dtype", "float32", "--num_blocks", "8"])
     assert code == 0, capsys.readouterr().err
-    assert no_server == [dict(host="127.0.0.1", port=65535, log_level="warning")]
+    assert no_server == [dict(host="127.0.0.1", port=port, log_level="warning")]
+
+
+def test_a_port_in_use_or_a_foreign_host_is_refused_before_loading(tiny_dir, capsys, no_server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = _serve(capsys, no_server, str(tiny_dir), "--port", str(port))
+    assert f"--port {port} is already in use on 127.0.0.1; stop what listens there or choose another --port" in err
+    err = _serve(capsys, no_server, str(tiny_dir), "--host", "no-such-host.invalid", "--port", str(_free_port()))
+    assert "--host 'no-such-host.invalid' is not an address of this machine" in err
 
 
 def test_broken_model_files_exit_2_before_binding(tiny_dir, tmp_path, capsys, no_server):
