@@ -188,6 +188,8 @@ def generate(
         return
     else:
         results = run_generate(net, prompts, config, tokenizer, decoder=decoder)
+    for r, text in zip(results, texts):  # the prompts went in as token ids: name them by their text
+        r.prompt = text
     if json_output:
         import dataclasses
 

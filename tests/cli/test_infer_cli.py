@@ -37,6 +37,7 @@ def test_generate_json_matches_the_python_api(model_dir, capsys):
     code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "To be", "--max_new_tokens", "12",
                               "--ignore_eos", "true", "--logprobs", "2", "--json_output", "true", "--device", "cpu")
     assert code == 0, err
+    assert json.loads(out)[0]["prompt"] == "To be"
     got = json.loads(out)[0]["outputs"][0]
     model, tok = lmstack.load(model_dir)
     ref = generate(model, "To be", GenerationConfig(max_new_tokens=12, ignore_eos=True), tok)[0].outputs[0]
@@ -57,9 +58,14 @@ def test_generate_stream_beams_and_errors(model_dir, capsys):
     assert code == 0 and out.count("--- prompt 0, output") == 2, err
     for args, message in [(("--temperature", "-1"), "temperature=-1.0 must be >= 0"),
                           (("--max_new_tokens", "5000"), "goes beyond the context"),
+                          (("--max_new_tokens", "0"), "lmstack.infer.prompt_logprobs(model, ids)"),
                           (("--early_stopping", "maybe"), "--early_stopping='maybe' must be true, false or never")]:
         code, out, err = main_cli(capsys, "generate", str(model_dir), "--prompt", "x", "--device", "cpu", *args)
         assert code == 2 and message in err
+    from lmstack.infer import prompt_logprobs  # the function that message points to is importable there
+
+    model, _ = lmstack.load(model_dir)
+    assert len(prompt_logprobs(model, [5, 6, 7])) == 3
 
 
 def test_bad_devices_files_and_counts_are_named(model_dir, tmp_path, capsys):
