@@ -21,7 +21,7 @@ def serve(
     served_model_name: str | None = None,
     max_model_len: int | None = None,
     dtype: str = "auto",
-    device: str | None = None,
+    device: str = "auto",
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 8192,
     num_blocks: int | None = None,
@@ -55,7 +55,7 @@ def serve(
         max_num_seqs: Sequences decoded together (the batch).
         max_num_batched_tokens: Tokens per engine step (prefill chunks plus decodes).
         num_blocks: KV-cache blocks; default sized from memory (--gpu-memory-utilization or --cpu-kv-cache-gib).
-        gpu_memory_utilization: Fraction of GPU memory for weights plus KV cache.
+        gpu_memory_utilization: Fraction of GPU memory for weights, activations (one full step, profiled) and KV cache.
         cpu_kv_cache_gib: KV-cache size on CPU, in GiB.
         block_size: Tokens per KV-cache block.
         enable_prefix_caching: Reuse the KV of shared prompt prefixes.
