@@ -80,6 +80,11 @@ class Trainer:
             train_data, val_data = open_sft_data(c.data, c.val_data, self.tokenizer, c.seq_len, c.pack,
                                                  rank, world, c.seed, c.skip_bad)
         self.train_data, self.val_data = train_data, val_data
+        if val_data is None and self.dist.is_main:  # no val_loss, no best checkpoint, nothing to compare runs by
+            hint = ("pass --val_data FILE.jsonl" if c.task == "sft" else
+                    "prepare the data with --val_fraction > 0, or pass --val_data DIR")
+            print(f"warning: no validation data, so this run reports no validation loss; {hint}",
+                  file=sys.stderr, flush=True)
         check_tokenizers(c, self.tokenizer, train_data, val_data)
         self.model_config = model_config_for(c, model, getattr(train_data, "vocab_size", None), self.tokenizer)
         if c.seq_len > self.model_config.max_position_embeddings:
