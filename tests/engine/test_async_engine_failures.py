@@ -15,13 +15,19 @@ from lmstack.engine.engine import EngineDeadError
 LONG = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
 
 
-def failing_at(engine, step: int, pause: float, error: BaseException):
-    """Make the engine's `step`-th forward pause, then raise `error`."""
+def failing_at(engine, step: int, error: BaseException, pause: float = 0.0,
+               entered: threading.Event | None = None, release: threading.Event | None = None):
+    """Make the engine's `step`-th forward raise `error`: after `pause` seconds, or once it has set
+    `entered` and `release` is set (a hook the test drives, so nothing depends on timing)."""
     run, calls = engine.core.runner.run, [0]
 
     def failing(*args, **kwargs):
         calls[0] += 1
         if calls[0] == step:
+            if entered is not None:
+                entered.set()
+            if release is not None and not release.wait(30):
+                raise RuntimeError("the test never released the failing step")
             time.sleep(pause)
             raise error
         return run(*args, **kwargs)
@@ -31,28 +37,46 @@ def failing_at(engine, step: int, pause: float, error: BaseException):
 
 def test_an_abort_queued_behind_a_failing_step_returns():
     (prompt,) = prompts([6])
+    entered, release = threading.Event(), threading.Event()
 
     async def main():
         engine = AsyncEngine(tiny_model("llama"), block_size=4, num_blocks=32)
-        failing_at(engine, 3, 0.3, torch.cuda.OutOfMemoryError("simulated OOM"))
+        failing_at(engine, 3, torch.cuda.OutOfMemoryError("simulated OOM"), entered=entered, release=release)
         stream = engine.add_request(prompt, LONG, request_id="r")
         await stream.__anext__()
         await stream.__anext__()
-        await asyncio.sleep(0.1)  # step 3 is running: the abort waits behind it, then the engine dies
-        await asyncio.wait_for(engine.abort("r"), timeout=5)
+        assert await asyncio.to_thread(entered.wait, 10), "step 3 never started"
+        abort = asyncio.ensure_future(engine.abort("r"))  # posted while step 3 runs: it waits behind it
+        await asyncio.sleep(0)  # the abort task runs up to its await: the command is queued
+        assert not abort.done()
+        release.set()  # step 3 raises, the engine dies
+        await asyncio.wait_for(abort, timeout=5)
         assert isinstance(engine.error, torch.cuda.OutOfMemoryError)
         with pytest.raises(EngineDeadError, match="simulated OOM"):
             await asyncio.wait_for(stream.__anext__(), timeout=5)
         await asyncio.wait_for(engine.abort("r"), timeout=5)  # and once the thread is gone
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
 
 
 def test_an_abort_from_a_closed_event_loop_does_not_kill_the_engine():
     (prompt,) = prompts([6])
     engine = AsyncEngine(tiny_model("llama"), block_size=4, num_blocks=64)
     run = engine.core.runner.run
-    engine.core.runner.run = lambda *a, **k: time.sleep(0.05) or run(*a, **k)
+    hold, held, release = threading.Event(), threading.Event(), threading.Event()
+
+    def paced(*args, **kwargs):
+        if hold.is_set():  # one step waits for the test: the engine answers no command meanwhile
+            hold.clear()
+            held.set()
+            release.wait(30)
+        time.sleep(0.05)
+        return run(*args, **kwargs)
+
+    engine.core.runner.run = paced
     result = {}
 
     def other_client():
@@ -64,13 +88,22 @@ def test_an_abort_from_a_closed_event_loop_does_not_kill_the_engine():
     async def impatient_client():  # gives up on its abort; its loop then closes before the engine answers
         stream = engine.add_request(prompt, LONG, request_id="a")
         await stream.__anext__()
-        with pytest.raises(asyncio.TimeoutError):
+        hold.set()
+        assert await asyncio.to_thread(held.wait, 10), "the engine never took another step"
+        with pytest.raises(asyncio.TimeoutError):  # the engine is inside a step: it cannot answer yet
             await asyncio.wait_for(engine.abort("a"), timeout=0.001)
 
     worker = threading.Thread(target=other_client)
     worker.start()
-    time.sleep(0.2)
-    asyncio.run(impatient_client())
+    deadline, running = time.monotonic() + 30, 0
+    while not running and worker.is_alive() and time.monotonic() < deadline:  # until "b" runs
+        running = engine.stats().num_running
+        time.sleep(0.01)
+    assert running == 1, "the other client's request never started running"
+    try:
+        asyncio.run(impatient_client())
+    finally:
+        release.set()  # only now, with the impatient client's loop closed, may the engine answer it
     worker.join(timeout=60)
     assert result["b"] == "length" and engine.error is None and engine.is_healthy
     asyncio.run(engine.shutdown())
@@ -81,7 +114,7 @@ def test_a_request_added_while_the_engine_dies_gets_an_error_not_silence():
 
     async def main():
         engine = AsyncEngine(tiny_model("llama"), block_size=4, num_blocks=32)
-        failing_at(engine, 3, 0.1, RuntimeError("simulated CUDA error"))
+        failing_at(engine, 3, RuntimeError("simulated CUDA error"), pause=0.1)
         first = engine.add_request(prompt, LONG, request_id="r1")
         await first.__anext__()
         await first.__anext__()

@@ -54,24 +54,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tiny_dir, engine):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", str(tiny_dir), "--port", str(port),
-                             "--num-blocks", "128", "--device", "cpu", "--api-key", "k1,k2",
-                             "--served-model-name", "tiny", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    try:
+def _start_server(tiny_dir, attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """`lmstack serve` on a free port, healthy. The port is free when picked but the server binds it
+    later (it refuses --port 0), so another process may take it meanwhile: then, and only then, the
+    server is started again on a fresh port, a bounded number of times."""
+    for attempt in range(1, attempts + 1):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", str(tiny_dir), "--port", str(port),
+                                 "--num-blocks", "128", "--device", "cpu", "--api-key", "k1,k2",
+                                 "--served-model-name", "tiny", "--log-level", "warning"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
         deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.2)
+        try:
+            while proc.poll() is None:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200 and proc.poll() is None:
+                        return proc, url
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not become healthy"
+                time.sleep(0.2)
+        except BaseException:
+            proc.kill()
+            proc.wait(30)
+            raise
+        output = proc.stdout.read()
+        if "address already in use" not in output.lower() or attempt == attempts:
+            pytest.fail(f"lmstack serve exited with {proc.returncode} (attempt {attempt} of {attempts}):\n"
+                        f"{output[-4000:]}")
+    raise AssertionError("unreachable")
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tiny_dir, engine):
+    proc, url = _start_server(tiny_dir)
+    try:
         assert httpx.get(url + "/v1/models").status_code == 401
         events, started = [], threading.Event()
 
@@ -116,7 +133,11 @@ def test_shutdown_aborts_what_does_not_finish_in_time(engine):
         reader.start()
         while not lines and reader.is_alive():
             time.sleep(0.01)
+        deadline = time.monotonic() + 30
         while engine.stats().num_running == 0:
+            assert time.monotonic() < deadline, (
+                f"the engine never ran the streamed request in 30 s (the reader is alive: {reader.is_alive()}, "
+                f"{len(lines)} lines read)")
             time.sleep(0.01)
     reader.join(30)
     assert "data: [DONE]" not in lines, "the request should have been cut by the shutdown timeout"

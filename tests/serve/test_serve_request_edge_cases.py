@@ -134,8 +134,35 @@ def test_prompt_logprobs_are_refused_where_they_cannot_be_given(http):
 
 # ---- 4. huge prompts do not block the event loop ------------------------------------------------
 
-def test_health_answers_while_a_multi_megabyte_prompt_is_tokenized(server, http):
-    big = "The quick brown fox, jumps! " * 110_000  # ~3 MB: seconds of tokenizing, no context limit on /tokenize
+HUGE = 1_000_000  # characters: only the test's own multi-megabyte prompts are this long
+
+
+def _huge(texts) -> bool:
+    return any(len(t) >= HUGE for t in ([texts] if isinstance(texts, str) else texts))
+
+
+def test_health_answers_while_a_multi_megabyte_prompt_is_tokenized(server, http, monkeypatch):
+    """The tokenizer is held (on an Event) while it has the huge prompt: the server must still answer.
+
+    Were the prompt tokenized on the event loop, the held tokenizer would block the loop and the
+    probes below would time out.
+    """
+    big = "The quick brown fox, jumps! " * 110_000  # ~3 MB, no context limit on /tokenize
+    tok = server.state.tokenizer
+    entered, release, threads = threading.Event(), threading.Event(), []
+
+    def held(original):
+        def method(texts, *args, **kwargs):
+            if _huge(texts):
+                threads.append(threading.get_ident())
+                entered.set()
+                if not release.wait(60):
+                    raise RuntimeError("the test never released the tokenizer")
+            return original(texts, *args, **kwargs)
+        return method
+
+    for name in ("encode", "encode_batch"):
+        monkeypatch.setattr(tok, name, held(getattr(tok, name)))
     result = {}
 
     def tokenize():
@@ -143,29 +170,47 @@ def test_health_answers_while_a_multi_megabyte_prompt_is_tokenized(server, http)
 
     worker = threading.Thread(target=tokenize)
     worker.start()
-    latencies = []
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as c:
-            time.sleep(0.3)  # the body is in and being tokenized
-            while worker.is_alive() and len(latencies) < 200:
-                start = time.perf_counter()
+        deadline = time.monotonic() + 60
+        while not entered.wait(0.05):  # the body is in and the tokenizer has it
+            if not worker.is_alive():
+                r = result.get("r")
+                pytest.fail(f"the request ended without tokenizing the prompt: {r and (r.status_code, r.text[:300])}")
+            assert time.monotonic() < deadline, "the tokenizer was never called with the prompt"
+        with httpx.Client(base_url=server.url, headers=http.headers, timeout=15) as c:  # timeout: a hang guard
+            for _ in range(3):
                 assert c.get("/health").status_code == 200
-                latencies.append(time.perf_counter() - start)
-                time.sleep(0.05)
+            r = c.post("/tokenize", json={"prompt": "Hello world"})
+            assert r.status_code == 200 and r.json()["count"] > 0, r.text
+        assert worker.is_alive() and not result, "the huge request finished while its tokenizer was held"
     finally:
+        release.set()
         worker.join(60)
+    assert not worker.is_alive()
     assert result["r"].status_code == 200 and result["r"].json()["count"] > 100_000
-    assert len(latencies) >= 3, latencies  # tokenizing really did take a while
-    assert max(latencies) < 1.0, max(latencies)
+    assert threads and server.thread.ident not in threads, "the prompt was tokenized on the event loop's thread"
 
 
 @pytest.mark.parametrize("path,key", [("/v1/completions", "prompt"), ("/v1/embeddings", "input")])
-def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(http, path, key):
-    big = "The quick brown fox, jumps! " * 250_000  # 7 MB
-    start = time.perf_counter()
-    err = api_error(http.post(path, json={key: big}), 400)
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(server, http, monkeypatch, path, key):
+    big = "The quick brown fox, jumps! " * 250_000  # 7 MB: tokenizing it would take seconds
+    tok = server.state.tokenizer
+    tokenized = []
+
+    def refusing(original):
+        def method(texts, *args, **kwargs):
+            if _huge(texts):
+                tokenized.append(path)
+                raise RuntimeError("the test's huge prompt reached the tokenizer")
+            return original(texts, *args, **kwargs)
+        return method
+
+    for name in ("encode", "encode_batch"):
+        monkeypatch.setattr(tok, name, refusing(getattr(tok, name)))
+    r = http.post(path, json={key: big})  # the client's 60 s timeout is only a hang guard
+    assert not tokenized, "the prompt was tokenized before it was refused"
+    err = api_error(r, 400)
     assert err["code"] == "context_length_exceeded" and err["param"] == key
-    assert time.perf_counter() - start < 3.0  # tokenizing it would take seconds
 
 
 def test_the_character_bound_never_refuses_a_prompt_that_fits(server):

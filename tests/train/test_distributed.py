@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,16 +26,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def address_in_use(proc: subprocess.CompletedProcess) -> bool:
+    output = (proc.stdout + proc.stderr).lower()
+    return "eaddrinuse" in output or "address already in use" in output
+
+
+def run_torchrun(out_root: Path, attempts: int = 3) -> subprocess.CompletedProcess:
+    """dist_driver.py under torchrun with 2 processes. The master port is free when picked but bound
+    later by torchrun, so another process may take it meanwhile: then, and only then, run again on a
+    fresh port, a bounded number of times, without what a failed try may have written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    for attempt in range(1, attempts + 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(DRIVER), str(out_root)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or not address_in_use(proc) or attempt == attempts:
+            return proc
+        for strategy in ("ddp", "fsdp"):  # a try cut short may have left a partial run behind
+            shutil.rmtree(out_root / strategy, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
 def test_ddp_and_fsdp_match_one_process(tmp_path):
     config = tiny_config(tmp_path / "single", **DIST_RUN)
     single = Trainer(config, train_data=ToyTokenDataset(config.seq_len),
                      val_data=ToyTokenDataset(config.seq_len, split="val"))
     single.fit()
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(DRIVER), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     expected = losses(tmp_path / "single")

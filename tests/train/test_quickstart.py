@@ -22,11 +22,15 @@ TINY = Plan(corpus_every=150, vocab_size=300, seq_len=32, batch_size=8, lr=5e-3,
 def quickstart_run(tmp_path_factory):
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("quickstart") / "qs"
-    printed = []
-    result = run_quickstart(str(out), device="cpu", progress=False, plan=TINY, log=printed.append)
-    return out, result, "\n".join(printed)
+    try:
+        out = tmp_path_factory.mktemp("quickstart") / "qs"
+        printed = []
+        result = run_quickstart(str(out), device="cpu", progress=False, plan=TINY, log=printed.append)
+        yield out, result, "\n".join(printed)
+    finally:  # the rest of the session keeps its own thread count
+        torch.set_num_threads(threads)
 
 
 def test_quickstart_pipeline_on_a_tiny_plan(quickstart_run, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,17 @@ def run_in_process(out_dir: Path) -> Trainer:
     return trainer
 
 
+def logged_losses(out_dir: Path) -> dict[int, float]:
+    """`losses` of a run that may still be appending to (or was killed while writing) metrics.jsonl:
+    a last line without its newline is not complete yet, so it is left out."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    lines = path.read_text().split("\n")[:-1]  # the piece after the last newline is unfinished (or empty)
+    records = [json.loads(line) for line in lines if line]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
     run_in_process(reference)
@@ -38,14 +50,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (killed / "metrics.jsonl").is_file() and max(losses(killed), default=0) >= 7:
+        if max(logged_losses(killed), default=0) >= 7:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     assert not (killed / "model").exists()  # it really died mid-training
-    done_before_kill = max(losses(killed))
+    done_before_kill = max(logged_losses(killed))
 
     resumed = run_in_process(killed)
     assert resumed.resume_from is not None
