@@ -327,3 +327,23 @@ def test_continuous_usage_is_per_choice_as_vllm_reports_it(http, path):
     final = chunks[-1]["usage"]
     prompts = 15 if path == "/v1/completions" else final["prompt_tokens"]
     assert final["completion_tokens"] == 3 * len(seen) and final["prompt_tokens"] == prompts
+
+
+def test_long_prompts_are_tokenized_with_encode_batch_which_releases_the_gil():
+    """`tokenizers` holds the GIL through `encode` but not `encode_batch`: only the latter lets
+    other requests run while megabytes are tokenized (the held-tokenizer test cannot see this)."""
+    from lmstack.serve.params import _encode_long
+
+    calls = []
+
+    class Recording:
+        def encode(self, text, add_special_tokens=True):
+            calls.append("encode")
+            return [1]
+
+        def encode_batch(self, texts, add_special_tokens=True):
+            calls.append(("encode_batch", len(texts), add_special_tokens))
+            return [[1, 2]]
+
+    assert _encode_long(Recording(), "x" * 10, add_special_tokens=False) == [1, 2]
+    assert calls == [("encode_batch", 1, False)]
