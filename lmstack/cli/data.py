@@ -81,9 +81,10 @@ def tokenizer_train(
     limit = _parse_size(max_bytes)
     bad: list[BadRecord] = []
     seen = {"bytes": 0, "docs": 0}
-    bar = tqdm(unit="B", unit_scale=True, desc="tokenizer train (reading)")
+    bars = []  # made when the trainer reads the first text: a bad option fails before any bar is drawn
 
     def texts():
+        bars.append(bar := tqdm(unit="B", unit_scale=True, desc="tokenizer train (reading)"))
         for doc in iter_documents(inputs, text_field=text_field, skip_bad=skip_bad, bad=bad):
             size = len(doc.text.encode("utf-8"))
             if limit and seen["bytes"] + size > limit and seen["docs"]:
@@ -99,7 +100,8 @@ def tokenizer_train(
                                     min_frequency=min_frequency, add_bos_token=add_bos_token,
                                     model_max_length=model_max_length, show_progress=True)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     tokenizer.save(out)
     learned = tokenizer.backend.get_vocab_size(with_added_tokens=False)
     skipped = f", {len(bad)} bad records skipped (e.g. {bad[0]})" if bad else ""
