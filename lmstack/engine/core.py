@@ -256,7 +256,8 @@ class EngineCore:
                 "engine more KV memory (num_blocks / gpu_memory_utilization)")
         if not self.config.enable_chunked_prefill and n > self.config.max_num_batched_tokens:
             raise RequestError(f"the prompt has {n} tokens, more than max_num_batched_tokens="
-                               f"{self.config.max_num_batched_tokens}, and chunked prefill is off")
+                               f"{self.config.max_num_batched_tokens}, and chunked prefill is off; shorten the prompt, "
+                               "raise max_num_batched_tokens or set enable_chunked_prefill=True")
         return max_tokens
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

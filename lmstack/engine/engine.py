@@ -21,7 +21,7 @@ import torch
 from lmstack.config import is_int
 from lmstack.engine.core import EngineConfig, EngineCore
 from lmstack.engine.outputs import EngineStats, RequestOutput
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, RequestError
 from lmstack.infer.generate import as_token_lists
 from lmstack.infer.params import SamplingParams
 
@@ -87,8 +87,8 @@ class LLM:
         for i, (p, text, sp, prio) in enumerate(zip(ids, texts, params, priorities)):
             try:
                 request = self.engine.make_request(p, sp, priority=prio)
-            except ConfigError as err:
-                raise type(err)(f"prompt {i}: {err}") from None
+            except (ConfigError, RequestError) as err:  # name the prompt at fault when there are several
+                raise (type(err)(f"prompt {i}: {err}") if len(ids) > 1 else err) from None
             request.prompt = text
             requests.append(request)
         for request in requests:

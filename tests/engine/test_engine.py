@@ -246,3 +246,46 @@ def test_a_one_token_prompt_has_prompt_logprobs_of_one_null_entry():
     reference = alone(model, [7], 2, prompt_logprobs=1)
     assert out.prompt_logprobs == reference.prompt_logprobs == [None]
     assert out.prompt_top_logprobs == [None]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_without_chunked_prefill_prompts_run_whole_and_too_long_ones_are_refused(overlap):
+    """enable_chunked_prefill=False: a prompt longer than max_num_batched_tokens can never run, so
+    it is refused up front with what to change; the others each run in one piece (a prompt that
+    does not fit what is left of a step's budget waits for a later step) and give infer.generate's
+    tokens."""
+    model = tiny_model("llama")
+    llm = LLM(model, block_size=4, num_blocks=64, max_num_batched_tokens=16, max_num_seqs=4,
+              enable_chunked_prefill=False, async_scheduling=overlap)
+    ps = prompts([3, 9, 16, 14, 5, 12, 17], seed=6)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    with pytest.raises(RequestError, match=r"^prompt 6: the prompt has 17 tokens, more than max_num_batched_tokens=16, "
+                                           r"and chunked prefill is off; shorten the prompt, raise "
+                                           r"max_num_batched_tokens or set enable_chunked_prefill=True$"):
+        llm.generate(ps, params)
+    assert not llm.engine.has_unfinished()  # the batch was refused as a whole
+    with pytest.raises(RequestError, match="^the prompt has 17 tokens, more than max_num_batched_tokens=16"):
+        llm.engine.add_request(ps[6], params)
+
+    schedule_log = []
+    schedule = llm.engine.scheduler.schedule
+
+    def logged():
+        out = schedule()
+        schedule_log.append([(s.start, s.num_tokens, s.seq.num_prompt_tokens, s.seq.num_preemptions)
+                             for s in out.scheduled])
+        return out
+
+    llm.engine.scheduler.schedule = logged
+    outs = llm.generate(ps[:6], params)
+    assert llm.stats().num_preemptions_total == 0  # the pool holds every sequence: only chunking could cut a prompt
+    prefills = [(start, n, total) for step in schedule_log for start, n, total, _ in step if n > 1]
+    assert sorted(total for _, _, total in prefills) == sorted(len(p) for p in ps[:6])  # one piece per prompt
+    assert all(start == 0 and n == total for start, n, total in prefills), prefills
+    assert all(sum(n for _, n, _, _ in step) <= 16 for step in schedule_log)
+    # the 16-token prompt did not fit beside the first prompts or their decodes: it waited for a whole step
+    first = next(i for i, step in enumerate(schedule_log) if any(total == 16 for _, _, total, _ in step))
+    assert first > 0 and schedule_log[first] == [(0, 16, 16, 0)], schedule_log[:first + 1]
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == alone(model, p, 6).outputs[0].token_ids
+    assert llm.stats().kv_blocks_used == 0

@@ -13,18 +13,22 @@ def llm():
 
 
 @pytest.mark.parametrize("length,params,message", [
-    (64, SamplingParams(max_tokens=1), "prompt has 64 tokens but max_model_len is 64"),
+    (64, SamplingParams(max_tokens=1), "the prompt has 64 tokens but max_model_len is 64"),
     (60, SamplingParams(max_tokens=10), r"prompt \(60 tokens\) \+ max_tokens \(10\) exceeds max_model_len=64; "
                                         r"use max_tokens <= 4"),
-    (30, SamplingParams(max_tokens=8), r"needs up to 10 KV blocks .* the pool has 8"),
-    (0, SamplingParams(), "prompt is empty"),
-    (5, SamplingParams(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+    (30, SamplingParams(max_tokens=8), r"the request needs up to 10 KV blocks .* the pool has 8; lower max_tokens"),
+    (0, SamplingParams(), r"the prompt is empty; give at least one token"),
+    (5, SamplingParams(temperature=-1.0), r"temperature=-1\.0 must be >= 0"),
 ])
 def test_requests_that_cannot_be_served_are_rejected(llm, length, params, message):
     ok, bad = prompts([5, length], seed=7)
-    with pytest.raises(LmstackError, match=message):
+    # in a batch the message names the prompt at fault (its index, as infer.generate's "prompt 1 is empty")
+    with pytest.raises(LmstackError, match=f"^prompt 1: {message}"):
         llm.generate([ok, bad], params if length != 5 else [SamplingParams(), params])
     assert not llm.engine.has_unfinished()  # nothing was queued: the whole batch is checked first
+    with pytest.raises(LmstackError, match=f"^{message}"):  # one prompt: no index to give
+        llm.generate([bad], params)
+    assert not llm.engine.has_unfinished()
 
 
 def test_bad_arguments(llm):
@@ -32,8 +36,10 @@ def test_bad_arguments(llm):
         llm.generate([[5, 6]], [SamplingParams(), SamplingParams()])
     with pytest.raises(ConfigError, match="text prompts need a tokenizer"):
         llm.generate("hello")
-    with pytest.raises(RequestError, match="outside the vocabulary"):
+    with pytest.raises(RequestError, match=r"^prompt token id 999 is outside the vocabulary \[0, 256\)$"):
         llm.generate([[5, 999]])
+    with pytest.raises(RequestError, match=r"^prompt 2: prompt token id -1 is outside the vocabulary \[0, 256\)$"):
+        llm.generate([[5, 6], [7], [8, -1, 300]])
     with pytest.raises(ConfigError, match="unknown engine option.*'num_block'"):
         LLM(tiny_model("llama"), num_block=3)
     with pytest.raises(ConfigError, match="attention_backend='flash' is not one of"):

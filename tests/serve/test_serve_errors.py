@@ -4,6 +4,7 @@ Also: a client that disconnects (streaming or not) or times out has its request 
 the engine, and every KV block comes back.
 """
 
+import re
 import threading
 import time
 
@@ -16,43 +17,63 @@ from lmstack.serve import ServeConfig, ServeLimits, create_app
 CHAT = [{"role": "user", "content": "Hi"}]
 
 
-@pytest.mark.parametrize("path,body,param", [
-    ("/v1/completions", {"prompt": "Hi", "temperature": -0.5}, "temperature"),
-    ("/v1/completions", {"prompt": "Hi", "temperature": "hot"}, "temperature"),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": 10_000}, "max_tokens"),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": -1}, "max_tokens"),
-    ("/v1/completions", {"prompt": "Hi", "top_p": 0}, "top_p"),
-    ("/v1/completions", {"prompt": "Hi", "n": 0}, "n"),
-    ("/v1/completions", {"prompt": "Hi", "n": 17}, "n"),
-    ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, "logprobs"),
-    ("/v1/completions", {"prompt": "Hi", "model": "missing"}, "model"),
-    ("/v1/completions", {"prompt": "Hi", "stop": ["a"] * 40}, "stop"),
-    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"99999": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [10**6]}, "stop_token_ids"),
-    ("/v1/completions", {"prompt": "Hi", "min_tokens": 50, "max_tokens": 5}, "min_tokens"),
-    ("/v1/completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
-    ("/v1/completions", {"prompt": [1, -2]}, "prompt"),
-    ("/v1/completions", {"prompt": [[1, 2], [300000]]}, "prompt"),
-    ("/v1/completions", {"prompt": {"text": "Hi"}}, "prompt"),
-    ("/v1/completions", {"prompt": "word " * 300}, "prompt"),
-    ("/v1/completions", {}, "prompt"),
-    ("/v1/chat/completions", {"messages": []}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages.0.role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 1000}, "max_completion_tokens"),
-    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 3}, None),
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
-    ("/v1/embeddings", {"input": []}, "input"),
-    ("/v1/embeddings", {"input": "Hi", "dimensions": 3}, "dimensions"),
-    ("/detokenize", {"tokens": [10**7]}, "tokens"),
-    ("/tokenize", {}, None),
+@pytest.mark.parametrize("path,body,param,message", [
+    ("/v1/completions", {"prompt": "Hi", "temperature": -0.5}, "temperature",
+     r"^field 'temperature': Input should be greater than or equal to 0$"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": "hot"}, "temperature",
+     r"^field 'temperature': Input should be a valid number"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 10_000}, "max_tokens",
+     r"^max_tokens=10000 is beyond the context: the prompt has \d+ tokens and max_model_len is 256, "
+     r"so max_tokens can be at most \d+$"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": -1}, "max_tokens",
+     r"^field 'max_tokens': Input should be greater than or equal to 0$"),
+    ("/v1/completions", {"prompt": "Hi", "top_p": 0}, "top_p", r"^field 'top_p': Input should be greater than 0$"),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}, "n", r"^field 'n': Input should be greater than or equal to 1$"),
+    ("/v1/completions", {"prompt": "Hi", "n": 17}, "n", r"^n=17 is above this server's limit of 16 samples per prompt$"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, "logprobs",
+     r"^field 'logprobs': Input should be less than or equal to 20$"),
+    ("/v1/completions", {"prompt": "Hi", "model": "missing"}, "model",
+     r"^the model 'missing' does not exist on this server; it serves \['tiny', 'tiny-alias'\]$"),
+    ("/v1/completions", {"prompt": "Hi", "stop": ["a"] * 40}, "stop",
+     r"^stop has 40 strings; this server allows at most 32$"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"99999": 1}}, "logit_bias",
+     r"^logit_bias token id 99999 is outside the vocabulary \[0, \d+\)$"),
+    ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [10**6]}, "stop_token_ids",
+     r"^stop_token_ids entry 1000000 is outside the vocabulary \[0, \d+\)$"),
+    ("/v1/completions", {"prompt": "Hi", "min_tokens": 50, "max_tokens": 5}, "min_tokens",
+     r"^min_tokens=50 is larger than max_tokens=5$"),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 3}, "best_of", r"^best_of=3 is not supported \(only best_of == n\)$"),
+    ("/v1/completions", {"prompt": [1, -2]}, "prompt", r"token id -2 is outside the vocabulary \[0, \d+\)$"),
+    ("/v1/completions", {"prompt": [[1, 2], [300000]]}, "prompt", r"token id 300000 is outside the vocabulary"),
+    ("/v1/completions", {"prompt": {"text": "Hi"}}, "prompt",
+     r"^field 'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists$"),
+    ("/v1/completions", {"prompt": "word " * 300}, "prompt",
+     r"^the prompt has \d+ tokens but this model's context \(max_model_len\) is 256 tokens, .*; shorten the prompt$"),
+    ("/v1/completions", {}, "prompt", r"^missing required field 'prompt'$"),
+    ("/v1/chat/completions", {"messages": []}, "messages", r"^field 'messages': List should have at least 1 item"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages.0.role",
+     r"^field 'messages\.0\.role': Input should be 'system', 'developer', 'user', 'assistant' or 'tool'$"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+     r"^field 'messages\.0\.content' must be a string or a list of \{'type': 'text', 'text': \.\.\.\} parts$"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 1000}, "max_completion_tokens",
+     r"^max_completion_tokens=1000 is beyond the context: .* so max_completion_tokens can be at most \d+$"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 3}, "top_logprobs",  # a cross-field check
+     r"^top_logprobs needs logprobs=true$"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format",
+     r"^response_format 'json_object' is not supported .*; use 'text'$"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice",
+     r"^tool_choice other than 'none' or 'auto' is not supported"),
+    ("/v1/embeddings", {"input": []}, "input", r"^input is an empty list; give at least one text$"),
+    ("/v1/embeddings", {"input": "Hi", "dimensions": 3}, "dimensions",
+     r"^dimensions=3 is not supported: this model's embeddings have 64 dimensions$"),
+    ("/detokenize", {"tokens": [10**7]}, "tokens", r"^token id 10000000 is outside the vocabulary \[0, \d+\)$"),
+    ("/tokenize", {}, None, r"^give exactly one of prompt or messages$"),  # a cross-field check: no single field
 ])
-def test_invalid_fields_are_400(http, path, body, param):
+def test_invalid_fields_are_400(http, path, body, param, message):
     err = api_error(http.post(path, json=body), 400)
     assert err["type"] == "invalid_request_error"
-    if param is not None:
-        assert err["param"] == param, err
+    assert err["param"] == param, err
+    assert re.search(message, err["message"]), err["message"]
 
 
 def test_malformed_bodies_are_400(http):
@@ -156,19 +177,34 @@ def test_concurrent_clients_all_finish(server, engine):
     assert wait_idle(engine).kv_blocks_used == 0
 
 
-def test_metrics_are_prometheus_and_mirror_the_engine(server, http, engine):
+def _scrape(url: str) -> dict:
+    """GET /metrics, parsed: {sample name: [samples]}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 5, "ignore_eos": True})
-    with http.stream("POST", "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "stream": True}) as r:
-        assert list(r.iter_lines())[-2] == "data: [DONE]"
-    time.sleep(0.1)
-    r = httpx.get(server.url + "/metrics")
+    r = httpx.get(url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples = {}
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:
             samples.setdefault(s.name, []).append(s)
+    return samples
+
+
+def _successes(samples: dict) -> float:
+    return sum(s.value for s in samples.get("lmstack:request_success_total", []))
+
+
+def test_metrics_are_prometheus_and_mirror_the_engine(server, http, engine):
+    before = _successes(_scrape(server.url))
+    http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 5, "ignore_eos": True})
+    with http.stream("POST", "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "stream": True}) as r:
+        assert list(r.iter_lines())[-2] == "data: [DONE]"
+    # a request's metrics are recorded as it finishes (the success counter last), which may trail the
+    # response the client has already read: poll until both requests are counted
+    deadline = time.monotonic() + 10
+    while _successes(samples := _scrape(server.url)) < before + 2:
+        assert time.monotonic() < deadline, f"request_success_total stayed at {_successes(samples)}, want {before + 2}"
+        time.sleep(0.02)
     for name in ("lmstack:time_to_first_token_seconds_count", "lmstack:inter_token_latency_seconds_count",
                  "lmstack:e2e_request_latency_seconds_count", "lmstack:request_queue_time_seconds_count",
                  "lmstack:time_per_output_token_seconds_count", "lmstack:num_requests_running",
