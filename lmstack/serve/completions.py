@@ -70,7 +70,7 @@ async def _prompts(state: Any, prompt: Any, add_special_tokens: bool) -> list[tu
     tok = state.tokenizer
     prompt = as_batch(state, prompt, "prompt", "prompt")
     out = []
-    for p in prompt:
+    for i, p in enumerate(prompt):
         if isinstance(p, str):
             ids = await encode(state, p, "prompt", add_special_tokens=add_special_tokens,
                                max_tokens=state.engine.max_model_len)
@@ -79,7 +79,8 @@ async def _prompts(state: Any, prompt: Any, add_special_tokens: bool) -> list[tu
             vocab = state.engine.vocab_size
             bad = [t for t in p if not 0 <= t < vocab]
             if bad:
-                raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
+                where = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
+                raise bad_request(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
             out.append((list(p), tok.decode(p, skip_special_tokens=False)))
     return out
 

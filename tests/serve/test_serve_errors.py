@@ -44,7 +44,7 @@ CHAT = [{"role": "user", "content": "Hi"}]
      r"^min_tokens=50 is larger than max_tokens=5$"),
     ("/v1/completions", {"prompt": "Hi", "best_of": 3}, "best_of", r"^best_of=3 is not supported \(only best_of == n\)$"),
     ("/v1/completions", {"prompt": [1, -2]}, "prompt", r"token id -2 is outside the vocabulary \[0, \d+\)$"),
-    ("/v1/completions", {"prompt": [[1, 2], [300000]]}, "prompt", r"token id 300000 is outside the vocabulary"),
+    ("/v1/completions", {"prompt": [[1, 2], [300000]]}, "prompt", r"^prompt\[1\]: token id 300000 is outside the vocabulary \[0, \d+\)$"),
     ("/v1/completions", {"prompt": {"text": "Hi"}}, "prompt",
      r"^field 'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists$"),
     ("/v1/completions", {"prompt": "word " * 300}, "prompt",
