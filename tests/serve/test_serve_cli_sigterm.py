@@ -7,7 +7,6 @@ time" half of graceful shutdown runs in-process, where the engine's blocks can b
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 
 import httpx
 import pytest
+from net_helpers import free_port
 from serve_helpers import LiveServer, wait_idle
 
 from lmstack.serve import ServeConfig, create_app
@@ -48,10 +48,6 @@ def test_bad_model_directory_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "--kv_cache_dtype 'int4' is not one of auto, fp8, fp8_e4m3" in out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_server(tiny_dir, attempts: int = 3) -> tuple[subprocess.Popen, str]:
@@ -59,7 +55,7 @@ def _start_server(tiny_dir, attempts: int = 3) -> tuple[subprocess.Popen, str]:
     later (it refuses --port 0), so another process may take it meanwhile: then, and only then, the
     server is started again on a fresh port, a bounded number of times."""
     for attempt in range(1, attempts + 1):
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", str(tiny_dir), "--port", str(port),
                                  "--num-blocks", "128", "--device", "cpu", "--api-key", "k1,k2",

@@ -18,6 +18,7 @@ import time
 
 import httpx
 import pytest
+from net_helpers import free_port
 from serve_helpers import LiveServer, api_error
 
 from lmstack.cli import main
@@ -27,17 +28,13 @@ WARNING = ("serving on {host} without an API key: anyone who can reach this addr
            "pass --api-key or set LMSTACK_API_KEY")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_cli(monkeypatch, *args):
     """`lmstack serve ARGS --port FREE` in-process, stopped where it would serve: (exit code, the app it built)."""
     built = []
     monkeypatch.setattr(LmstackServer, "run", lambda self, sockets=None: built.append(self.config.app))
-    code = main(["serve", *args, "--port", str(_free_port())])  # the CLI checks that it could bind the port
+    code = main(["serve", *args, "--port", str(free_port())])  # the CLI checks that it could bind the port
     return code, (built[0] if built else None)
 
 
@@ -156,7 +153,7 @@ def test_a_second_signal_exits_at_once(tiny_dir):
     """docs/serving.md, shutdown: after SIGTERM the server waits (up to --shutdown-timeout) for in-flight
     requests; a second signal exits at once. The in-flight request is one whose body never finishes
     arriving, so only the second signal can end the wait before the 120 s timeout."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", str(tiny_dir), "--port", str(port),
                              "--num-blocks", "64", "--device", "cpu", "--log-level", "warning",

@@ -16,6 +16,7 @@ import threading
 import httpx
 import pytest
 import torch
+from net_helpers import free_port
 
 from lmstack.cli import main
 from lmstack.errors import CheckpointError
@@ -79,7 +80,7 @@ def test_a_cuda_device_that_does_not_exist_is_a_clear_error(tiny_dir, capsys, no
 
 
 def test_good_options_reach_the_server(tiny_dir, capsys, no_server):
-    port = _free_port()
+    port = free_port()
     code = main(["serve", str(tiny_dir), "--port", str(port), "--device", "cpu", "--max_model_len", "256",
                  "--log_level", "WARNING", "--dtype", "float32", "--num_blocks", "8"])
     assert code == 0, capsys.readouterr().err
@@ -93,7 +94,7 @@ def test_a_port_in_use_or_a_foreign_host_is_refused_before_loading(tiny_dir, cap
         port = taken.getsockname()[1]
         err = _serve(capsys, no_server, str(tiny_dir), "--port", str(port))
     assert f"--port {port} is already in use on 127.0.0.1; stop what listens there or choose another --port" in err
-    err = _serve(capsys, no_server, str(tiny_dir), "--host", "no-such-host.invalid", "--port", str(_free_port()))
+    err = _serve(capsys, no_server, str(tiny_dir), "--host", "no-such-host.invalid", "--port", str(free_port()))
     assert "--host 'no-such-host.invalid' is not an address of this machine" in err
 
 
@@ -121,10 +122,6 @@ def test_broken_model_files_exit_2_before_binding(tiny_dir, tmp_path, capsys, no
     assert f"no weights in {no_weights}" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_load_failure_stops_the_server_and_raises():
@@ -134,7 +131,7 @@ def test_a_load_failure_stops_the_server_and_raises():
         raise CheckpointError("weights.safetensors is corrupt; re-save it")
 
     app = create_app(config=ServeConfig(model_names=["tiny"]), loader=loader)
-    server = make_server(app, "127.0.0.1", _free_port(), shutdown_timeout=5.0, log_level="warning")
+    server = make_server(app, "127.0.0.1", free_port(), shutdown_timeout=5.0, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     thread.join(30)
@@ -173,7 +170,7 @@ def test_cli_exits_2_when_the_model_fails_to_load_after_binding(tiny_dir, tmp_pa
     config = json.loads((broken / "config.json").read_text())
     config["vocab_size"] = 300  # the weights have 320 rows
     (broken / "config.json").write_text(json.dumps(config))
-    port = _free_port()
+    port = free_port()
     try:
         out = subprocess.run([sys.executable, "-m", "lmstack.cli", "serve", str(broken), "--port", str(port),
                               "--device", "cpu", "--num_blocks", "8", "--log_level", "warning"],

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from net_helpers import free_port
 from toy_data import ToyTokenDataset
 from train_helpers import DIST_RUN, losses, tiny_config
 
@@ -18,12 +18,6 @@ import lmstack
 from lmstack.train import Trainer
 
 DRIVER = Path(__file__).with_name("dist_driver.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def address_in_use(proc: subprocess.CompletedProcess) -> bool:
