@@ -78,9 +78,12 @@ def speculative_generate(target, draft, prompt: list[int], config=None, tokenize
     cfg = p.config
     if cfg.n != 1 or cfg.num_beams != 1:
         raise ConfigError("speculative decoding generates one sequence: use n=1 and num_beams=1")
-    if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty or cfg.min_tokens:
-        raise ConfigError("speculative decoding does not support penalties or min_tokens; drop them or decode "
-                          "without a draft model")
+    unsupported = [f"{name}={value!r}" for name, value, off in (
+        ("repetition_penalty", cfg.repetition_penalty, 1.0), ("presence_penalty", cfg.presence_penalty, 0.0),
+        ("frequency_penalty", cfg.frequency_penalty, 0.0), ("min_tokens", cfg.min_tokens, 0)) if value != off]
+    if unsupported:
+        raise ConfigError(f"speculative decoding does not support penalties or min_tokens (got "
+                          f"{', '.join(unsupported)}); drop them or decode without a draft model")
     if cfg.prompt_logprobs is not None:
         raise ConfigError("speculative decoding does not return prompt_logprobs; lmstack.infer.prompt_logprobs(model, "
                           "ids) scores a prompt")

@@ -141,24 +141,120 @@ def test_blas_decode_is_used_only_where_it_pays(monkeypatch):
 
 
 @needs_torch_openmp
-def test_generate_through_blas_steps_equals_the_plain_model(monkeypatch, two_torch_threads):
+@pytest.mark.parametrize("blas_switch", ["1", "0"])
+def test_generate_through_blas_steps_equals_the_plain_model(monkeypatch, two_torch_threads, blas_switch):
+    """LMSTACK_CPU_BLAS_GEMV=0 keeps every step on oneDNN's packed weights, with the same output."""
     model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
     randomize_(model, seed=3, std=0.15).eval()
     monkeypatch.setattr(cpu_packing, "KV_TO_WEIGHT_BYTES", 1e9)  # every batch-1 step of this tiny model
     monkeypatch.setattr(cpu_packing, "blas_threads", lambda: 2)
+    monkeypatch.setenv("LMSTACK_CPU_BLAS_GEMV", blas_switch)
     blas_rows = []
     forward = PackedLinear.forward
     monkeypatch.setattr(PackedLinear, "forward",
                         lambda self, x: blas_rows.append(_blas_step.active) or forward(self, x))
-    prompt = torch.randint(0, 256, (11,)).tolist()
+    prompt = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(0)).tolist()
     config = GenerationConfig(max_new_tokens=12, ignore_eos=True, logprobs=0)
     decoder = make_decoder(model)
     assert isinstance(decoder, PackedDecoder)
     fast = generate(model, [prompt], config, decoder=decoder)[0].outputs[0]
-    assert sum(blas_rows) == 11 * len(model.layers) * 4 + 11  # 11 decode steps x (qkv, o, gate_up, down) + head
+    linear_calls = 12 * (len(model.layers) * 4 + 1)  # prefill + 11 decode steps x (qkv, o, gate_up, down, head)
+    assert len(blas_rows) == linear_calls  # the packed copy ran every product either way
+    # 11 decode steps through BLAS, or none when switched off
+    assert sum(blas_rows) == (11 * (len(model.layers) * 4 + 1) if blas_switch == "1" else 0)
     plain = generate(model, [prompt], config, decoder=Decoder(model))[0].outputs[0]
     assert fast.token_ids == plain.token_ids
     assert max(abs(a - b) for a, b in zip(fast.logprobs, plain.logprobs)) < 1e-5
+
+
+def _generate_with(model, decoder=None):
+    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True, logprobs=0)
+    return generate(model, [prompt], config, decoder=decoder)[0].outputs[0]
+
+
+def _same_output(out, ref):
+    return out.token_ids == ref.token_ids and max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs)) < 1e-5
+
+
+def test_cpu_pack_switch_off_decodes_the_model_itself(monkeypatch):
+    """LMSTACK_CPU_PACK=0: make_decoder hands out a plain Decoder over the user's model, no packed
+    copy is made and no packed product runs, and the output is the plain path's."""
+    model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
+    randomize_(model, seed=3, std=0.15).eval()
+    packed_calls = []
+    forward = PackedLinear.forward
+    monkeypatch.setattr(PackedLinear, "forward", lambda self, x: packed_calls.append(1) or forward(self, x))
+    reference = _generate_with(model, Decoder(model))
+    assert not packed_calls
+
+    monkeypatch.setenv("LMSTACK_CPU_PACK", "1")  # the default: packed
+    assert can_pack(model) and isinstance(make_decoder(model), PackedDecoder)
+    assert _same_output(_generate_with(model), reference) and packed_calls
+
+    cpu_packing.forget(model)
+    packed_calls.clear()
+    monkeypatch.setenv("LMSTACK_CPU_PACK", "0")
+    assert not can_pack(model)
+    decoder = make_decoder(model)
+    assert type(decoder) is Decoder and decoder.model is model
+    assert _same_output(_generate_with(model), reference)
+    assert not packed_calls and model not in cpu_packing._packed_views  # no copy made, none used
+
+
+def test_models_over_the_packing_limit_are_not_packed(monkeypatch):
+    """MAX_PACKED_BYTES (LMSTACK_CPU_PACK_MAX_BYTES): linear weights of exactly the limit are
+    packed, one byte more than the limit are not; the output is the same either way."""
+    model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
+    randomize_(model, seed=3, std=0.15).eval()
+    size = cpu_packing.linear_weight_bytes(model)
+    reference = _generate_with(model, Decoder(model))
+    monkeypatch.delenv("LMSTACK_CPU_PACK", raising=False)
+    monkeypatch.setattr(cpu_packing, "MAX_PACKED_BYTES", size)
+    assert can_pack(model) and isinstance(make_decoder(model), PackedDecoder)
+    assert _same_output(_generate_with(model), reference)
+    cpu_packing.forget(model)
+    monkeypatch.setattr(cpu_packing, "MAX_PACKED_BYTES", size - 1)
+    assert not can_pack(model)
+    decoder = make_decoder(model)
+    assert type(decoder) is Decoder and decoder.model is model
+    assert _same_output(_generate_with(model), reference) and model not in cpu_packing._packed_views
+
+
+def test_cpu_pack_max_bytes_is_read_from_the_environment():
+    """LMSTACK_CPU_PACK_MAX_BYTES is read when cpu_packing is imported, so a fresh process is set
+    one byte below this model's linear weights: it decodes unpacked, with the same tokens."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
+    randomize_(model, seed=3, std=0.15).eval()
+    size = cpu_packing.linear_weight_bytes(model)
+    reference = _generate_with(model, Decoder(model))
+    child = f"""
+import json, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import lmstack
+from hf_models import randomize_
+from lmstack.infer import GenerationConfig, cpu_packing, generate, make_decoder
+model = randomize_(lmstack.load("tiny-llama", random_init=True, seed=0)[0], seed=3, std=0.15).eval()
+prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+out = generate(model, [prompt], GenerationConfig(max_new_tokens=10, ignore_eos=True, logprobs=0))[0].outputs[0]
+print(json.dumps(dict(limit=cpu_packing.MAX_PACKED_BYTES, decoder=type(make_decoder(model)).__name__,
+                      tokens=out.token_ids, logprobs=out.logprobs)))
+"""
+    env = dict(os.environ, LMSTACK_CPU_PACK_MAX_BYTES=str(size - 1))
+    env.pop("LMSTACK_CPU_PACK", None)  # the limit alone must turn packing off
+    run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["limit"] == size - 1 and got["decoder"] == "Decoder"
+    assert got["tokens"] == reference.token_ids
+    assert max(abs(a - b) for a, b in zip(got["logprobs"], reference.logprobs)) < 1e-5
 
 
 @needs_torch_openmp

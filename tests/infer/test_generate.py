@@ -139,7 +139,7 @@ def test_max_tokens_none_fills_the_context():
 @pytest.mark.parametrize("config,prompt,match", [
     (GenerationConfig(temperature=-1.0), [1, 2], "temperature=-1.0 must be >= 0"),
     (GenerationConfig(top_p=0.0), [1, 2], r"top_p=0.0 must be in \(0, 1\]"),
-    (GenerationConfig(top_p=1.01), [1, 2], r"top_p=1.01"),
+    (GenerationConfig(top_p=1.01), [1, 2], r"top_p=1.01 must be in \(0, 1\]"),
     (GenerationConfig(max_new_tokens=250), [1] * 10, "max_new_tokens=250 goes beyond the context.*<= 246"),
     (GenerationConfig(max_new_tokens=1), [1] * 256, "prompt 0 has 256 tokens but the model's context is 256"),
     (GenerationConfig(num_beams=2, n=3), [1], "n=3 must not exceed num_beams=2"),

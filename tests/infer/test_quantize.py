@@ -45,6 +45,9 @@ def test_dequantized_weights_within_half_a_step(method, levels, group):
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_forward_equals_float64_forward_with_dequantized_weights(method):
+    """The quantized kernels compute with exactly the weights they dequantize to, to fp32 rounding:
+    measured 3-5e-6 (logits up to ~5) for both methods over six inputs, against 0.12 (int8) and
+    4.3 (int4) between the float64 forwards with and without quantization."""
     model = _model("mixtral")
     quantize(model, method, group_size=32)
     ref = _model("mixtral").double()
@@ -53,9 +56,9 @@ def test_quantized_forward_equals_float64_forward_with_dequantized_weights(metho
             if isinstance(m, torch.nn.Linear):
                 w = m.weight.dequantize() if hasattr(m.weight, "dequantize") else m.weight
                 r.weight = torch.nn.Parameter(w.detach().double())
-        ids = torch.randint(0, 256, (2, 9))
+        ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
         diff = (model(ids).logits.double() - ref(ids).logits).abs().max().item()
-    assert diff < 2e-3
+    assert diff <= 1e-4
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -67,7 +70,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert config["architectures"] == ["LlamaForCausalLM"]
     loaded, _ = lmstack.load(tmp_path)
     assert type(loaded.layers[0].attn.qkv.weight).__name__ == "Int8Tensor"
-    ids = torch.randint(0, 256, (1, 10))
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
@@ -96,7 +99,7 @@ def test_a_model_with_padded_vocabulary_rows_round_trips(tmp_path, method):
     quantize(model, method, group_size=32)
     save_quantized(model, tmp_path)
     loaded, _ = lmstack.load(tmp_path)
-    ids = torch.randint(0, 250, (1, 10))
+    ids = torch.randint(0, 250, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 

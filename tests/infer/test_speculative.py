@@ -74,8 +74,16 @@ def test_mismatched_vocab_and_penalties_are_errors():
     other.config.vocab_size = 255
     with pytest.raises(ConfigError, match="vocab_size=255 differs"):
         speculative_generate(target, other, [1, 2], GenerationConfig(max_new_tokens=2))
-    with pytest.raises(ConfigError, match="penalties"):
-        speculative_generate(target, target, [1, 2], GenerationConfig(max_new_tokens=2, repetition_penalty=1.1))
+    # the message names each option set and its value, and only those
+    for options, named in [
+        (dict(repetition_penalty=1.1), r"\(got repetition_penalty=1.1\)"),
+        (dict(presence_penalty=0.5), r"\(got presence_penalty=0.5\)"),
+        (dict(frequency_penalty=-0.25), r"\(got frequency_penalty=-0.25\)"),
+        (dict(min_tokens=2), r"\(got min_tokens=2\)"),
+        (dict(repetition_penalty=0.9, min_tokens=1), r"\(got repetition_penalty=0.9, min_tokens=1\)"),
+    ]:
+        with pytest.raises(ConfigError, match="speculative decoding does not support penalties or min_tokens " + named):
+            speculative_generate(target, target, [1, 2], GenerationConfig(max_new_tokens=2, **options))
 
 
 def test_greedy_with_static_cache_decoders():
