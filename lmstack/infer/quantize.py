@@ -28,11 +28,23 @@ WEIGHTS = "model.safetensors"
 
 
 def _torchao():
+    # torchao's import logs a warning per optional kernel library this build lacks (mxfp8, the
+    # sm90a CUTLASS kernels on a CPU wheel) and torch a deprecation per Enum it registers: noise
+    # on every quantize / load, none of it about what lmstack uses. Quiet only during the import.
+    import logging
+
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
         from torchao.quantization import quantize_
     except ImportError:
         raise ConfigError("quantization needs torchao: pip install torchao (see docs/inference.md for versions)") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     return quantize_
 
 

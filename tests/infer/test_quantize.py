@@ -113,3 +113,16 @@ def test_int4_that_would_quantize_nothing_is_refused_and_kept_layers_are_named()
     assert kept and not any(name.endswith("mlp.down") for name in kept) and "lm_head" in kept
     assert type(model.layers[0].mlp.down.weight) is not torch.nn.Parameter
     assert type(model.layers[0].attn.qkv.weight) is torch.nn.Parameter
+
+
+def test_importing_torchao_prints_no_noise_about_kernels_lmstack_does_not_use():
+    """torchao logs "Failed to load ..._C_mxfp8" (and torch a pytree deprecation) at import; quantize
+    and every load of a quantized model used to print them."""
+    import subprocess
+    import sys
+
+    code = "from lmstack.infer.quantize import _torchao; _torchao(); import logging; " \
+           "assert logging.getLogger('torchao').level == logging.NOTSET"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Failed to load" not in out.stderr and "_pytree" not in out.stderr, out.stderr
