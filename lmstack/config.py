@@ -92,6 +92,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # the dtype weights are stored in (config.json's torch_dtype)
     extra: dict[str, Any] = field(default_factory=dict)  # HF fields we keep for the round trip
+    # The generation_config.json the model was loaded with (its stop ids, sampling defaults): generation
+    # stops on its eos ids too, and saving writes it back to generation_config.json, never to config.json.
+    generation_defaults: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -128,6 +131,15 @@ class ModelConfig:
         if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
+
+    def stop_token_ids(self) -> list[int]:
+        """config.json's eos ids, then the further ones of generation_config.json (generation_defaults)."""
+        ids: list[int] = []
+        for value in (self.eos_token_id, (self.generation_defaults or {}).get("eos_token_id")):
+            for token in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
+                if token not in ids:
+                    ids.append(int(token))
+        return ids
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count from the shapes alone (no model needed), used for MFU and presets."""
@@ -212,6 +224,9 @@ class ModelConfig:
             if value is not None and not all(is_int(i) for i in ids):
                 kind = "an integer, a list of integers" if name == "eos_token_id" else "an integer"
                 raise ConfigError(f"{name} must be {kind} or null, got {value!r}")
+        if self.generation_defaults is not None and not isinstance(self.generation_defaults, dict):
+            raise ConfigError(f"generation_defaults must be a dict (a generation_config.json) or None, "
+                              f"got {type(self.generation_defaults).__name__}")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling)
         if self.sliding_window is not None and (not is_int(self.sliding_window) or self.sliding_window <= 0):

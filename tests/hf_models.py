@@ -68,3 +68,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
 
 
 FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "mistral", "mixtral"]
+
+
+def token_ids(shape, high: int = VOCAB, seed: int = 0, low: int = 0) -> torch.Tensor:
+    """Random token ids from their own generator: the same ids whatever ran before (test order)."""
+    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(seed))

@@ -95,15 +95,21 @@ class WeightFiles:
         except Exception as err:
             raise CheckpointError(f"could not read tensor {name!r} from {path} ({err}); the file is corrupt") from None
 
-    def first_dtype(self) -> torch.dtype:
-        """The dtype the checkpoint stores its floating-point weights in."""
+    def floating_dtype(self) -> torch.dtype | None:
+        """The floating dtype that holds most of the weights (by element count), None if none is floating.
+
+        Read from the headers only; the most common, not the first by name, so that one odd tensor
+        (a float64 `lm_head`, a float32 norm in a bf16 file) does not decide the dtype of the model."""
+        counts: dict[torch.dtype, int] = {}
         for name in sorted(self.file_of):
-            handle = self._open(self.file_of[name])
-            t = handle.get_slice(name)
+            t = self._open(self.file_of[name]).get_slice(name)
             dtype = _SAFETENSORS_DTYPES.get(t.get_dtype())
             if dtype is not None and dtype.is_floating_point:
-                return dtype
-        return torch.float32
+                numel = 1
+                for n in t.get_shape():
+                    numel *= n
+                counts[dtype] = counts.get(dtype, 0) + numel
+        return max(counts, key=counts.__getitem__) if counts else None
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

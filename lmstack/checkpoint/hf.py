@@ -1,9 +1,11 @@
 """Load and save Hugging Face model directories: lmstack's only weight format.
 
 Loading builds the model on the meta device and assigns the checkpoint's tensors (no random
-init, no copy of the model in memory twice), in the checkpoint's dtype or a requested one.
-Every tensor the architecture needs must be present and every tensor present must be used:
-a mismatch is an error naming the tensor and the file, never a silently random weight.
+init, no copy of the model in memory twice), in the dtype config.json names (as transformers'
+dtype="auto" does) or a requested one. Every tensor the architecture needs must be present, be
+floating point, and every tensor present must be used: a mismatch is an error naming the tensor
+and the file, never a silently random or rounded weight. The directory's generation_config.json
+travels on `config.generation_defaults` and is written back on save, so stop ids survive.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from pathlib import Path
 import torch
 
 from lmstack.checkpoint.files import WeightFiles, atomic_write_bytes, write_shards
-from lmstack.checkpoint.hf_config import FAMILY_TO_ARCH, config_to_hf, hf_layout_problems, read_config
+from lmstack.checkpoint.hf_config import (
+    FAMILY_TO_ARCH,
+    config_to_hf,
+    declared_dtype,
+    hf_layout_problems,
+    read_config,
+    read_config_json,
+    read_generation_config,
+)
 from lmstack.checkpoint.weight_map import IGNORED, implied_zeros, strip_prefix_aliases, weight_rules
 from lmstack.config import ModelConfig
 from lmstack.errors import CheckpointError, ConfigError
@@ -50,9 +60,14 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype | str | None = None,
         raise CheckpointError(f"model directory {directory} does not exist")
     refuse_quantized(directory, "loading it as a Hugging Face checkpoint (lmstack convert, training --model, "
                                 "Transformer.from_pretrained)")
-    config = config or read_config(directory)
+    if config is None:
+        config = read_config(directory)
+    elif config.generation_defaults is None:  # a given config (e.g. vocab padding) keeps the stop ids too
+        shipped = read_generation_config(directory, config.vocab_size)
+        if shipped is not None:
+            config = config.replace(generation_defaults=shipped)
     files = WeightFiles(directory)
-    dtype = resolve_dtype(dtype) or files.first_dtype()
+    dtype = resolve_dtype(dtype) or _checkpoint_dtype(directory, files)
     state = _read_state(config, files, dtype)
     with torch.device("meta"):
         model = Transformer(config)
@@ -66,6 +81,16 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype | str | None = None,
     model.reset_buffers()
     model.config.dtype = dtype_name(dtype)
     return model.to(device)
+
+
+def _checkpoint_dtype(directory: Path, files: WeightFiles) -> torch.dtype:
+    """config.json's torch_dtype/dtype when it names one we load in; else the floating dtype most of the
+    weights are stored in. float64 only when asked for: a stray double tensor must not double the model."""
+    declared = declared_dtype(read_config_json(directory)) if (directory / "config.json").is_file() else None
+    if declared in DTYPES:
+        return DTYPES[declared]
+    stored = files.floating_dtype()
+    return torch.float32 if stored is None or stored == torch.float64 else stored
 
 
 def _read_state(config: ModelConfig, files: WeightFiles, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -83,7 +108,13 @@ def _read_state(config: ModelConfig, files: WeightFiles, dtype: torch.dtype) -> 
                     f"{config.family} model); the weights do not match config.json"
                 )
             used.add(alias[name])
-            parts.append(files.get(alias[name]))
+            part = files.get(alias[name])
+            if not part.is_floating_point():  # an integer weight would be cast silently, not loaded
+                raise CheckpointError(
+                    f"tensor {alias[name]!r} in {files.file_of[alias[name]]} is stored as {part.dtype}, but "
+                    f"{rule.ours} is a floating-point weight; the file is quantized or corrupt: re-save it in "
+                    "float32, float16 or bfloat16")
+            parts.append(part)
         tensor = rule.combine(parts).to(dtype)
         expected = _expected_shape(config, rule.ours)  # the embedding rows are config.vocab_size, before padding
         if expected is not None and tuple(tensor.shape) != expected:
@@ -165,7 +196,8 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
     """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer.
 
     generation_defaults: a source model's generation_config.json (stop ids, sampling defaults),
-    merged with the model config's token ids; else the one already in `directory` is kept so.
+    merged with the model config's token ids; by default the one the model was loaded with
+    (`config.generation_defaults`), else the one already in `directory` is kept so.
     """
     from lmstack.infer.quantize import refuse_quantized_model
 
@@ -205,6 +237,8 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
     generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
                                      ("pad_token_id", config.pad_token_id)) if v is not None}
     existing = directory / "generation_config.json"
+    if generation_defaults is None:
+        generation_defaults = config.generation_defaults
     if generation_defaults is not None:
         generation = merge_generation_config(generation_defaults, generation)
     elif existing.is_file():  # keep sampling defaults a model shipped with

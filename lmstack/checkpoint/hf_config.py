@@ -1,8 +1,12 @@
 """config.json <-> ModelConfig for every supported Hugging Face architecture.
 
 Reads both transformers v4 (`rope_theta`, `rope_scaling`, `torch_dtype`) and v5
-(`rope_parameters`, `dtype`) spellings; writes the v4 spelling, which v4, v5 and vLLM all read.
-Shape fields are required (transformers would silently default them; we refuse to guess).
+(`rope_parameters`, `dtype`) spellings, resolving them as transformers does; writes the v4 spelling,
+which v4, v5 and vLLM all read. Shape fields are required (transformers would silently default them;
+we refuse to guess); an absent non-shape field (rope_theta, rms_norm_eps, sliding_window, ...) means
+what it means to that architecture's transformers config class, or the same file would be another
+function here than there. `read_config` also keeps the directory's generation_config.json (stop ids,
+sampling defaults) on the config, apart from config.json.
 """
 
 from __future__ import annotations
@@ -36,6 +40,28 @@ _OWNED = {
     "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "initializer_range", "bos_token_id",
     "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version", "output_router_logits",
     "use_cache",
+}
+# The defaults of the non-shape fields a config.json may leave out. They mirror the defaults of
+# transformers' config classes (the dataclass fields of GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config,
+# MistralConfig, MixtralConfig in transformers 5.x; rope_theta is the class's `default_theta`), so a sparse
+# config.json builds the same function here as in transformers. tests/checkpoint/test_hf_config_defaults.py checks
+# the table against the installed transformers. Qwen3's head_dim is a shape field, but transformers fills
+# it with 128 rather than hidden_size // num_attention_heads, so a file without it means 128.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "tie_word_embeddings": True},
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
+    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
+              "max_window_layers": 28},
+    "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
+              "sliding_window": 4096, "max_window_layers": 28, "head_dim": 128},
+    "mistral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "tie_word_embeddings": False, "sliding_window": 4096},
+    "mixtral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+                "tie_word_embeddings": False, "sliding_window": None, "num_experts_per_tok": 2,
+                "router_aux_loss_coef": 0.001},
 }
 # Dropout probabilities are training options, not part of the function: a config.json keeps the
 # ones it came with (in `extra`) unless lmstack trained with its own `dropout`.
@@ -118,29 +144,38 @@ def family_of(hf: dict, source: str) -> str:
     )
 
 
-def _rope_from_hf(hf: dict, source: str) -> tuple[float, dict | None]:
+def _rope_from_hf(hf: dict, source: str, family: str, max_positions: int) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) as transformers resolves them (modeling_rope_utils.convert_rope_params_to_dict).
+
+    A non-empty v4 `rope_scaling` replaces v5 `rope_parameters` whole (transformers: `rope_scaling or
+    rope_parameters`); rope_theta comes from the chosen object, else the top-level `rope_theta`, else the
+    class default; llama3 scaling without original_max_position_embeddings takes max_position_embeddings."""
     params = hf.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
         raise CheckpointError(f"{source}: rope_parameters must be an object like "
                               f'{{"rope_type": "default", "rope_theta": 10000.0}} or null, got {params!r}')
-    field = "rope_scaling"
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta = _field(params, "rope_theta", f"{source}: rope_parameters", "positive")
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        field = "rope_parameters"
+    raw = hf.get("rope_scaling")
+    if raw is not None and not isinstance(raw, dict):
+        try:
+            check_rope_scaling(raw)
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+    field, chosen = ("rope_scaling", dict(raw)) if raw else ("rope_parameters", dict(params or {}))
+    nested = [k for k, v in chosen.items() if isinstance(v, dict)]
+    if nested:
+        raise CheckpointError(f"{source}: {field} holds per-layer-type RoPE settings ({', '.join(nested)}); a "
+                              f"{FAMILY_TO_ARCH[family]} has one RoPE for every layer: give {field} one object")
+    if "rope_theta" in chosen:
+        theta = _field(chosen, "rope_theta", f"{source}: {field}", "positive")
     else:
-        theta = _field(hf, "rope_theta", source, "positive", default=10000.0)
-        raw = hf.get("rope_scaling")
-        if raw is not None and not isinstance(raw, dict):
-            try:
-                check_rope_scaling(raw)
-            except ConfigError as err:
-                raise CheckpointError(f"{source}: {err}") from None
-        scaling = dict(raw) if raw else {}
+        theta = _field(hf, "rope_theta", source, "positive", default=HF_DEFAULTS[family]["rope_theta"])
+    scaling = {k: v for k, v in chosen.items() if k != "rope_theta"}
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     if scaling.get("rope_type", "default") == "default":
         return float(theta), None
+    if scaling.get("rope_type") == "llama3":
+        scaling.setdefault("original_max_position_embeddings", max_positions)
     try:
         check_rope_scaling(scaling, field)
     except ConfigError as err:
@@ -174,7 +209,8 @@ def config_from_hf(hf: dict, source: str = "config.json", check_token_ids: bool 
 
 
 def _gpt2_from_hf(hf: dict, source: str, common: dict) -> ModelConfig:
-    act = hf.get("activation_function", "gelu_new")
+    defaults = HF_DEFAULTS["gpt2"]
+    act = hf.get("activation_function", defaults["activation_function"])
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
     if not isinstance(act, str) or act not in acts:
         raise CheckpointError(f"{source}: activation_function {act!r} is not supported ({', '.join(acts)})")
@@ -187,52 +223,63 @@ def _gpt2_from_hf(hf: dict, source: str, common: dict) -> ModelConfig:
         num_layers=_field(hf, "n_layer", source, "count"), num_heads=_field(hf, "n_head", source, "count"),
         intermediate_size=_field(hf, "n_inner", source, "count", default=None, nullable=True) or 4 * hidden,
         max_position_embeddings=_field(hf, "n_positions", source, "count"), norm="layernorm",
-        norm_eps=_field(hf, "layer_norm_epsilon", source, "positive", default=1e-5), position="learned",
+        norm_eps=_field(hf, "layer_norm_epsilon", source, "positive", default=defaults["layer_norm_epsilon"]),
+        position="learned",
         mlp="gelu", activation=acts[act], attn_qkv_bias=True, attn_out_bias=True, mlp_bias=True,
-        tie_embeddings=_field(hf, "tie_word_embeddings", source, "bool", default=True),
+        tie_embeddings=_field(hf, "tie_word_embeddings", source, "bool", default=defaults["tie_word_embeddings"]),
         **common,
     )
 
 
 def _llama_like_from_hf(hf: dict, source: str, family: str, common: dict) -> ModelConfig:
+    defaults = HF_DEFAULTS[family]
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"{source}: hidden_act {act!r} is not supported for {family} (expected 'silu')")
-    theta, scaling = _rope_from_hf(hf, source)
+    max_positions = _field(hf, "max_position_embeddings", source, "count",
+                           default=defaults["max_position_embeddings"])
+    theta, scaling = _rope_from_hf(hf, source, family, max_positions)
     layers = _field(hf, "num_hidden_layers", source, "count")
     heads = _field(hf, "num_attention_heads", source, "count")
-    sliding_window = _field(hf, "sliding_window", source, "count", default=None, nullable=True)
+    sliding_window = _field(hf, "sliding_window", source, "count", default=defaults.get("sliding_window"),
+                            nullable=True)
     layer_types = hf.get("layer_types")
     if layer_types is not None and not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
         raise CheckpointError(f"{source}: layer_types must be a list of \"full_attention\" / \"sliding_attention\", "
                               f"got {layer_types!r}; correct that field")
     if family in ("qwen2", "qwen3"):
-        if not _field(hf, "use_sliding_window", source, "bool", default=False):
+        if not _field(hf, "use_sliding_window", source, "bool", default=defaults["use_sliding_window"]):
             sliding_window, layer_types = None, None
         elif layer_types is None:
-            first = _field(hf, "max_window_layers", source, "int", default=layers)
+            first = _field(hf, "max_window_layers", source, "int", default=defaults["max_window_layers"])
             layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     elif family == "llama":
         sliding_window, layer_types = None, None
+    elif family == "mixtral":
+        # MixtralForCausalLM applies sliding_window to every layer and ignores layer_types (transformers'
+        # AutoConfig reads a Mistral config.json with layer_types as Ministral, which honours them).
+        layer_types = None
     if layer_types is not None and "sliding_attention" not in layer_types:
         sliding_window, layer_types = None, None
-    attention_bias = _field(hf, "attention_bias", source, "bool", default=False)
+    attention_bias = _field(hf, "attention_bias", source, "bool", default=defaults.get("attention_bias", False))
+    head_dim = _field(hf, "head_dim", source, "count", default=defaults.get("head_dim"), nullable=True)
     kw: dict[str, Any] = dict(
         vocab_size=_field(hf, "vocab_size", source, "count"), hidden_size=_field(hf, "hidden_size", source, "count"),
         intermediate_size=_field(hf, "intermediate_size", source, "count"), num_layers=layers, num_heads=heads,
         num_kv_heads=_field(hf, "num_key_value_heads", source, "count", default=None, nullable=True) or heads,
-        head_dim=_field(hf, "head_dim", source, "count", default=None, nullable=True),
-        max_position_embeddings=_field(hf, "max_position_embeddings", source, "count", default=2048),
-        norm_eps=_field(hf, "rms_norm_eps", source, "positive", default=1e-6), rope_theta=theta,
+        head_dim=head_dim, max_position_embeddings=max_positions,
+        norm_eps=_field(hf, "rms_norm_eps", source, "positive", default=defaults["rms_norm_eps"]), rope_theta=theta,
         rope_scaling=scaling, attn_qkv_bias=attention_bias or family == "qwen2", attn_out_bias=attention_bias,
-        mlp_bias=_field(hf, "mlp_bias", source, "bool", default=False), qk_norm=family == "qwen3",
+        mlp_bias=_field(hf, "mlp_bias", source, "bool", default=defaults.get("mlp_bias", False)), qk_norm=family == "qwen3",
         sliding_window=sliding_window, layer_types=list(layer_types) if layer_types else None,
-        tie_embeddings=_field(hf, "tie_word_embeddings", source, "bool", default=False),
+        tie_embeddings=_field(hf, "tie_word_embeddings", source, "bool", default=defaults["tie_word_embeddings"]),
     )
     if family == "mixtral":
         kw.update(mlp="moe", num_experts=_field(hf, "num_local_experts", source, "count"),
-                  num_experts_per_tok=_field(hf, "num_experts_per_tok", source, "count", default=2),
-                  router_aux_loss_coef=_field(hf, "router_aux_loss_coef", source, "number", default=0.001))
+                  num_experts_per_tok=_field(hf, "num_experts_per_tok", source, "count",
+                                             default=defaults["num_experts_per_tok"]),
+                  router_aux_loss_coef=_field(hf, "router_aux_loss_coef", source, "number",
+                                              default=defaults["router_aux_loss_coef"]))
     return ModelConfig(**kw, **common)
 
 
@@ -263,6 +310,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             hf.update(mlp_bias=cfg.mlp_bias)
         if cfg.family in ("mistral", "mixtral"):
             hf.update(sliding_window=cfg.sliding_window)
+        if cfg.family == "mistral" and cfg.layer_types is not None:
+            # transformers' AutoConfig reads a Mistral config.json with layer_types as Ministral, whose
+            # attention follows them; MixtralForCausalLM ignores layer_types, so Mixtral never writes them.
+            hf.update(layer_types=list(cfg.layer_types))
         if cfg.family in ("qwen2", "qwen3"):
             hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
                       max_window_layers=_first_sliding_layer(cfg))
@@ -323,7 +374,8 @@ def _first_sliding_layer(cfg: ModelConfig) -> int:
     return next((i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"), cfg.num_layers)
 
 
-def read_config(directory: Path) -> ModelConfig:
+def read_config_json(directory: Path) -> dict[str, Any]:
+    """config.json of a model directory, parsed and checked to be a JSON object."""
     import json
 
     path = directory / "config.json"
@@ -335,4 +387,50 @@ def read_config(directory: Path) -> ModelConfig:
         raise CheckpointError(f"{path} is not valid JSON ({err}); fix or re-save it") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(hf).__name__}")
-    return config_from_hf(hf, str(path))
+    return hf
+
+
+def declared_dtype(hf: dict) -> str | None:
+    """The weight dtype config.json names (v4 `torch_dtype`, v5 `dtype`), or None when it names none."""
+    value = hf.get("torch_dtype") or hf.get("dtype")
+    return str(value).replace("torch.", "") if isinstance(value, str) and value else None
+
+
+def read_generation_config(directory: Path, vocab_size: int | None = None) -> dict[str, Any] | None:
+    """generation_config.json of a model directory (None when there is none), checked.
+
+    It holds what config.json does not: the full list of stop ids (Llama 3 and Qwen2.5 list several
+    while config.json holds one) and the sampling defaults the model was released with. Its eos ids
+    must be token ids of this model: generation stops on them and masks them by index."""
+    import json
+
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); fix or delete it (it names the model's stop "
+                              "tokens)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of generation settings, got {type(data).__name__}; "
+                              "fix or remove it")
+    eos = data.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not all(is_int(i) and i >= 0 for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}; "
+                              "correct that field")
+    bad = [i for i in ids if vocab_size is not None and i >= vocab_size]
+    if bad:
+        raise CheckpointError(f"{path}: eos_token_id={eos!r} is outside the vocabulary [0, {vocab_size}) of "
+                              f"config.json; set it to the ids of this model's stop tokens")
+    return data
+
+
+def read_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of a model directory: config.json, plus generation_config.json as
+    `generation_defaults` (never written into config.json)."""
+    directory = Path(directory)
+    config = config_from_hf(read_config_json(directory), str(directory / "config.json"))
+    config.generation_defaults = read_generation_config(directory, config.vocab_size)
+    return config

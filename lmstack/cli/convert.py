@@ -2,6 +2,8 @@
 
 Since lmstack's format *is* the HF format, converting means: normalise a checkpoint of a
 supported family, change its dtype, reshard it, or materialise a preset with fresh weights.
+The source's generation_config.json (stop ids, sampling defaults) travels on the loaded model's
+config (`generation_defaults`) and is written out with it.
 """
 
 from __future__ import annotations
@@ -37,33 +39,8 @@ def convert(
     if Path(out).is_file():
         raise CheckpointError(f"--out {out} is a file; give a directory to write the model to")
     parse_size(max_shard_size)  # a bad size fails before the model is loaded
-    shipped = _source_generation_config(Path(source))
     model, tokenizer = lmstack.load(source, random_init=random_init, dtype=resolve_dtype(dtype), seed=seed)
-    path = model.save_pretrained(out, tokenizer=tokenizer, max_shard_size=max_shard_size,
-                                 generation_defaults=shipped)
+    path = model.save_pretrained(out, tokenizer=tokenizer, max_shard_size=max_shard_size)
     n = model.num_parameters()
     print(f"wrote {path} ({model.config.family}, {n / 1e6:.1f}M parameters, {model.dtype})")
 
-
-def _source_generation_config(source):
-    """The source's generation_config.json as a dict (checked to be a JSON object), or None.
-
-    It holds what config.json does not: the full list of stop ids and the sampling defaults
-    (temperature, top_p, do_sample) the model was released with. Without carrying it over, a
-    converted model stops only on config.json's single eos id and samples with library defaults.
-    """
-    import json
-
-    from lmstack.errors import CheckpointError
-
-    path = source / "generation_config.json"
-    if not source.is_dir() or not path.is_file():
-        return None
-    try:
-        parsed = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); fix or remove it") from None
-    if not isinstance(parsed, dict):
-        raise CheckpointError(f"{path} must hold a JSON object of generation settings, got "
-                              f"{type(parsed).__name__}; fix or remove it")
-    return parsed

@@ -7,11 +7,10 @@ drops the oldest turns first (the system prompt stays). `lmstack chat` is a thin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmstack.errors import CheckpointError, ConfigError
+from lmstack.errors import ConfigError
 from lmstack.infer.decoder import Decoder, make_decoder
 from lmstack.infer.params import GenerationConfig
 
@@ -19,21 +18,20 @@ from lmstack.infer.params import GenerationConfig
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
-def stop_ids_for_chat(tokenizer, model_dir: str | Path | None = None) -> list[int]:
-    """EOS ids from generation_config.json / the tokenizer, plus the template's end-of-turn tokens."""
-    ids: list[int] = []
-    path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err}); fix or delete it (it names the model's stop "
-                                  "tokens)") from None
-        eos = data.get("eos_token_id") if isinstance(data, dict) else None
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i for i in eos):
-            raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
-        ids += eos
+def stop_ids_for_chat(tokenizer, model=None) -> list[int]:
+    """The model's stop ids, the tokenizer's EOS, and the template's end-of-turn tokens.
+
+    The model's stop ids are config.json's eos ids and those of its generation_config.json, which
+    loading keeps on `model.config.generation_defaults` (checked there: a broken file is a
+    CheckpointError naming it when the model is loaded). `model` may also be a model directory, read
+    the way loading reads it (`lmstack generate --chat` / `lmstack chat` pass the path)."""
+    if isinstance(model, (str, Path)):
+        from lmstack.checkpoint.hf_config import read_config
+
+        config = read_config(Path(model)) if Path(model).is_dir() else None
+    else:
+        config = getattr(model, "config", None)
+    ids: list[int] = config.stop_token_ids() if config is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     for token in END_OF_TURN_TOKENS:
@@ -51,7 +49,7 @@ class ChatSession:
         self.config.validate(model.config.vocab_size)
         self.system = system
         self.messages: list[dict[str, str]] = []
-        self.stop_ids = stop_token_ids if stop_token_ids is not None else stop_ids_for_chat(tokenizer)
+        self.stop_ids = stop_token_ids if stop_token_ids is not None else stop_ids_for_chat(tokenizer, model)
         self.decoder = decoder or make_decoder(model)
         self.context = model.config.max_position_embeddings
         room = self.config.max_tokens

@@ -109,14 +109,14 @@ def _is_array(value) -> bool:
 
 
 def eos_ids_for(model, tokenizer, config: GenerationConfig) -> list[int]:
+    """The ids generation stops on: the ones asked for, else the model's (config.json's eos ids and the
+    further ones its generation_config.json lists, as transformers stops on), else the tokenizer's EOS."""
     if config.eos_token_ids is not None:
         return list(config.eos_token_ids)
-    eos = model.config.eos_token_id
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+    ids = model.config.stop_token_ids()
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids = [int(tokenizer.eos_token_id)]
+    return ids
 
 
 def plan(model, prompts: Prompts, config: GenerationConfig | SamplingParams | None, tokenizer=None) -> Plan:

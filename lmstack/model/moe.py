@@ -1,8 +1,10 @@
 """Mixture-of-Experts feed-forward (Mixtral-style): top-k routing and the load-balancing loss.
 
 The router softmaxes in float32, keeps the top-k experts per token and renormalises their
-weights (Mixtral's rule); each expert is a SwiGLU MLP. The auxiliary loss is the Switch
-Transformer balance term, computed over all layers' router logits as transformers does.
+weights (Mixtral's rule); each expert is a SwiGLU MLP. A token's k weighted expert outputs are
+summed in float32 and rounded to the model's dtype once, as transformers' default (grouped_mm)
+experts path does: bf16 outputs then equal transformers' bit for bit. The auxiliary loss is the
+Switch Transformer balance term, computed over all layers' router logits as transformers does.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ class MoE(nn.Module):
         probs = F.softmax(router_logits.float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(flat)
+        # a float32 accumulator (the weights are float32): rounding each expert's share to bf16 before
+        # the sum, as transformers' eager experts path does, differs from its default path in the last bit
+        out = torch.zeros(flat.shape, dtype=torch.promote_types(flat.dtype, weights.dtype), device=flat.device)
         for e, expert in enumerate(self.experts):
             token_idx, slot = torch.where(chosen == e)
-            y = expert(flat[token_idx]) * weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out.view(shape), router_logits
+            out.index_add_(0, token_idx, expert(flat[token_idx]) * weights[token_idx, slot, None])
+        return out.to(flat.dtype).view(shape), router_logits
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,

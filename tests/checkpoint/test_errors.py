@@ -121,7 +121,9 @@ def test_resave_in_place_removes_stale_shards(tmp_path):
 @pytest.mark.parametrize("family, change, message", [
     ("llama", dict(attn_qkv_bias=True), r"attn_qkv_bias=True \(a LlamaForCausalLM config.json loads it as False\)"),
     ("qwen2", dict(attn_qkv_bias=False), r"attn_qkv_bias=False \(a Qwen2ForCausalLM config.json loads it as True\)"),
-    ("mistral", dict(layer_types=["full_attention", "sliding_attention"]), r"layer_types / sliding_window="),
+    # MixtralForCausalLM applies sliding_window to every layer (Mistral's layer_types are saved: test_config_roundtrip)
+    ("mixtral", dict(sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
+     r"layer_types / sliding_window="),
 ])
 def test_saving_a_model_its_architecture_cannot_hold_is_refused(tmp_path, family, change, message):
     model = lmstack.Transformer(lmstack.get_preset(f"tiny-{family}").replace(**change))
@@ -143,3 +145,41 @@ def test_malformed_weight_map_names_file_and_field(tmp_path, edit, message):
     path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=message):
         lmstack.load(tmp_path / "m")
+
+
+# ---- the dtype a checkpoint loads in, and weights that are not floating point -------------------
+
+
+def _rewrite(directory, edit):
+    path = directory / "model.safetensors"
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def test_one_odd_tensor_does_not_decide_the_dtype(llama_dir):
+    _rewrite(llama_dir, lambda w: w.update({"lm_head.weight": w["lm_head.weight"].double()}))
+    assert lmstack.load(llama_dir)[0].dtype == torch.float32  # config.json says float32; not float64
+    assert lmstack.load(llama_dir, dtype=torch.float64)[0].dtype == torch.float64  # only when asked for
+
+
+@pytest.mark.parametrize("declared, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), (..., None)])
+def test_config_json_dtype_decides_else_the_most_common_floating_dtype(llama_dir, declared, expected):
+    """As transformers' dtype="auto": config.json's dtype; without one, what most weights are stored in."""
+    _rewrite(llama_dir, lambda w: w.update({k: v.to(torch.bfloat16) for k, v in w.items() if "layers" in k}))
+    config = json.loads((llama_dir / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    if declared is not ...:
+        config["dtype"] = declared
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    model, _ = lmstack.load(llama_dir)
+    assert model.dtype == (expected or torch.bfloat16)  # the layers outweigh embeddings, norm and head here
+    assert model.config.dtype == str(model.dtype).removeprefix("torch.")
+
+
+def test_an_integer_weight_is_named_not_cast(llama_dir):
+    name = "model.layers.1.mlp.down_proj.weight"
+    _rewrite(llama_dir, lambda w: w.update({name: (w[name] * 100).to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' in .*model\.safetensors is stored as torch\.int32, "
+                                              r"but layers\.1\.mlp\.down\.weight is a floating-point weight"):
+        lmstack.load(llama_dir)

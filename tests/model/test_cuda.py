@@ -22,7 +22,7 @@ def _no_tf32():
 def test_cuda_fp32_parity_and_bf16(family, tmp_path):
     ref = hf_model(family)
     ref.save_pretrained(tmp_path)
-    ids = torch.randint(0, VOCAB, (2, 40))
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(ids).logits
         model, _ = lmstack.load(tmp_path, device="cuda")
@@ -41,7 +41,7 @@ def test_cuda_fp32_parity_and_bf16(family, tmp_path):
 
 def test_cuda_kv_cache_matches_full_forward():
     model, _ = lmstack.load("tiny-llama", random_init=True, seed=0, device="cuda")
-    ids = torch.randint(0, 256, (2, 20), device="cuda")
+    ids = torch.randint(0, 256, (2, 20), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     with torch.no_grad():
         full = model(ids).logits
         cache = KVCache(model.config, 2, 32, device="cuda")
@@ -53,7 +53,7 @@ def test_cuda_kv_cache_matches_full_forward():
 def test_training_step_compiles_with_bf16_autocast():
     model, _ = lmstack.load("tiny-qwen3", random_init=True, seed=0, device="cuda")
     compiled = torch.compile(model)
-    ids = torch.randint(0, 256, (4, 64), device="cuda")
+    ids = torch.randint(0, 256, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = model(ids, labels=ids).loss
         loss = compiled(ids, labels=ids).loss

@@ -8,7 +8,7 @@ import lmstack
 
 def test_loss_equals_cross_entropy_on_shifted_logits():
     model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
-    ids = torch.randint(0, 256, (3, 16))
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, :5] = -100
     labels[2, 10:] = -100
@@ -25,8 +25,8 @@ def test_loss_equals_cross_entropy_on_shifted_logits():
 
 def test_pre_shifted_targets():
     model, _ = lmstack.load("tiny-gpt2", random_init=True, seed=0)
-    x = torch.randint(0, 256, (2, 8))
-    y = torch.randint(0, 256, (2, 8))
+    x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     out = model(x, labels=y, shift_labels=False)
     ref = F.cross_entropy(out.logits.reshape(-1, 256), y.reshape(-1))
     assert torch.allclose(out.loss, ref, atol=1e-6)
@@ -34,7 +34,7 @@ def test_pre_shifted_targets():
 
 def test_all_labels_masked_gives_zero_not_nan():
     model, _ = lmstack.load("tiny-qwen2", random_init=True, seed=0)
-    ids = torch.randint(0, 256, (1, 6))
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
     out = model(ids, labels=torch.full_like(ids, -100))
     assert out.loss.item() == 0.0
 
@@ -52,7 +52,7 @@ def test_padded_vocab_keeps_outputs(tmp_path):
             q = dict(padded.named_parameters())[name]
             q.zero_()
             q[tuple(slice(0, s) for s in p.shape)].copy_(p)
-    ids = torch.randint(0, 250, (2, 9))
+    ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(5))
     a, b = small(ids, labels=ids), padded(ids, labels=ids)
     assert b.logits.shape[-1] == 250
     assert torch.allclose(a.logits, b.logits, atol=1e-6) and torch.allclose(a.loss, b.loss, atol=1e-6)
@@ -72,7 +72,7 @@ def test_chunked_loss_equals_torch_cross_entropy_in_float64():
                                                      tie_embeddings=tied)
         model, _ = lmstack.load(preset, random_init=True, seed=0, config=config)
         model = model.double()
-        ids = torch.randint(0, vocab, (3, 16))
+        ids = torch.randint(0, vocab, (3, 16), generator=torch.Generator().manual_seed(6))
         labels = ids.clone()
         labels[0, :5] = -100
         for shift in (True, False):
@@ -93,7 +93,7 @@ def test_chunked_loss_equals_torch_cross_entropy_in_float64():
 
 def test_chunked_loss_under_bf16_autocast_follows_the_full_loss():
     model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
-    ids = torch.randint(0, 256, (2, 32))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(7))
     results = []
     for chunk in (0, 16):
         model.loss_chunk_tokens = chunk
