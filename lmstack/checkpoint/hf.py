@@ -191,6 +191,15 @@ def merge_generation_config(shipped: dict, ours: dict) -> dict:
     return merged
 
 
+def generation_config_for(config: ModelConfig, defaults: dict | None = None) -> dict:
+    """The generation_config.json to write: the config's token ids merged into `defaults`, else into
+    the generation_config.json the model was loaded with (so its extra stop ids survive a save)."""
+    generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+                                     ("pad_token_id", config.pad_token_id)) if v is not None}
+    defaults = defaults if defaults is not None else config.generation_defaults
+    return merge_generation_config(defaults, generation) if defaults is not None else generation
+
+
 def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard_size: int | str = "5GB",
             dtype: torch.dtype | str | None = None, generation_defaults: dict | None = None) -> Path:
     """Write config.json, generation_config.json, weights (sharded above max_shard_size) and the tokenizer.
@@ -234,14 +243,10 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None, max_shard
     write_shards(tensors, directory, max_shard_size)
     hf_config = config_to_hf(config.replace(dtype=dtype_name(dtype)))
     atomic_write_bytes(directory / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
-    generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
-                                     ("pad_token_id", config.pad_token_id)) if v is not None}
     existing = directory / "generation_config.json"
-    if generation_defaults is None:
-        generation_defaults = config.generation_defaults
-    if generation_defaults is not None:
-        generation = merge_generation_config(generation_defaults, generation)
-    elif existing.is_file():  # keep sampling defaults a model shipped with
+    generation = generation_config_for(config, generation_defaults)
+    if generation_defaults is None and config.generation_defaults is None and existing.is_file():
+        # keep sampling defaults a model shipped with
         try:
             shipped = json.loads(existing.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):

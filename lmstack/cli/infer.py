@@ -162,7 +162,7 @@ def generate(
         head = [{"role": "system", "content": system}] if system else []
         prompts = [tokenizer.apply_chat_template(head + [{"role": "user", "content": t}], add_generation_prompt=True,
                                                  tokenize=True) for t in texts]
-        config.eos_token_ids = stop_ids_for_chat(tokenizer, model)
+        config.eos_token_ids = stop_ids_for_chat(tokenizer, net)
     else:
         prompts = [tokenizer.encode(t, add_special_tokens=True) for t in texts]
     decoder = make_decoder(net, _compile_flag(compile))
@@ -245,7 +245,7 @@ def chat(
     _note_default_template(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, seed=seed)
-    session = ChatSession(net, tokenizer, config, system=system, stop_token_ids=stop_ids_for_chat(tokenizer, model),
+    session = ChatSession(net, tokenizer, config, system=system, stop_token_ids=stop_ids_for_chat(tokenizer, net),
                           decoder=make_decoder(net, _compile_flag(compile)))
     print(f"lmstack chat: {model} ({net.config.family}, context {session.context} tokens). "
           "Commands: /reset, /system TEXT, /exit", flush=True)

@@ -8,7 +8,6 @@ drops the oldest turns first (the system prompt stays). `lmstack chat` is a thin
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 from lmstack.errors import ConfigError
 from lmstack.infer.decoder import Decoder, make_decoder
@@ -23,14 +22,8 @@ def stop_ids_for_chat(tokenizer, model=None) -> list[int]:
 
     The model's stop ids are config.json's eos ids and those of its generation_config.json, which
     loading keeps on `model.config.generation_defaults` (checked there: a broken file is a
-    CheckpointError naming it when the model is loaded). `model` may also be a model directory, read
-    the way loading reads it (`lmstack generate --chat` / `lmstack chat` pass the path)."""
-    if isinstance(model, (str, Path)):
-        from lmstack.checkpoint.hf_config import read_config
-
-        config = read_config(Path(model)) if Path(model).is_dir() else None
-    else:
-        config = getattr(model, "config", None)
+    CheckpointError naming it when the model is loaded)."""
+    config = getattr(model, "config", None)
     ids: list[int] = config.stop_token_ids() if config is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)

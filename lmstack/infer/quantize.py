@@ -130,6 +130,7 @@ def save_quantized(model, directory: str | Path, tokenizer=None) -> Path:
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     from lmstack.checkpoint.files import atomic_write_bytes
+    from lmstack.checkpoint.hf import generation_config_for
     from lmstack.checkpoint.hf_config import config_to_hf
 
     if quantized_method(model) is None:
@@ -144,8 +145,7 @@ def save_quantized(model, directory: str | Path, tokenizer=None) -> Path:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS), metadata=metadata)
     hf = config_to_hf(model.config)
     atomic_write_bytes(directory / "config.json", (json.dumps(hf, indent=2) + "\n").encode())
-    gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-           if getattr(model.config, k) is not None}
+    gen = generation_config_for(model.config)  # keeps the stop ids of the model's generation_config.json
     atomic_write_bytes(directory / "generation_config.json", (json.dumps(gen, indent=2) + "\n").encode())
     if tokenizer is not None:
         tokenizer.save(directory)

@@ -75,7 +75,6 @@ def test_chat_stop_ids_come_from_the_loaded_model(stop_dir):
     model, _ = lmstack.load(directory)
     tokenizer = SimpleNamespace(eos_token_id=2, backend=SimpleNamespace(token_to_id=lambda token: None))
     assert stop_ids_for_chat(tokenizer, model) == sorted({2, 96, stop})
-    assert stop_ids_for_chat(tokenizer, str(directory)) == sorted({2, 96, stop})  # what `lmstack chat` passes
 
 
 @pytest.mark.parametrize("text,message", [
@@ -92,3 +91,15 @@ def test_a_malformed_generation_config_is_named(tmp_path, text, message):
     with pytest.raises(CheckpointError, match=message) as err:
         lmstack.load(tmp_path)
     assert str(tmp_path / "generation_config.json") in str(err.value)
+
+
+def test_a_quantized_save_keeps_the_stop_ids(stop_dir, tmp_path):
+    from lmstack.infer.quantize import quantize, save_quantized
+
+    directory, stop, _ = stop_dir
+    model, _ = lmstack.load(directory)
+    save_quantized(quantize(model, "int8"), tmp_path / "q8")
+    written = json.loads((tmp_path / "q8" / "generation_config.json").read_text())
+    assert written["eos_token_id"] == [96, stop]
+    reloaded, _ = lmstack.load(tmp_path / "q8")
+    assert eos_ids_for(reloaded, None, GenerationConfig()) == [96, stop]
