@@ -38,9 +38,12 @@ def _run_cli(monkeypatch, *args):
     return code, (built[0] if built else None)
 
 
-def _wait_healthy(url: str, timeout: float = 60.0) -> None:
+def _wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll /health until 200 (failing with `proc`'s output if that server process exits first)."""
     deadline = time.monotonic() + timeout
     while True:
+        if proc is not None:
+            assert proc.poll() is None, proc.stdout.read()
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -161,16 +164,7 @@ def test_a_second_signal_exits_at_once(tiny_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     client = None
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.1)
+        _wait_healthy(url, timeout=90, proc=proc)
         client = socket.create_connection(("127.0.0.1", port), timeout=10)
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                        b"Content-Length: 100\r\n\r\n{\"prompt\": ")  # 11 of the 100 bytes announced
