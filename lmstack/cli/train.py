@@ -18,7 +18,7 @@ from lmstack.train.config import TrainConfig
 PRETRAIN_DEFAULTS: dict[str, Any] = {"out_dir": "runs/pretrain"}
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "out_dir": "runs/finetune", "lr": 2e-5, "min_lr": 2e-6, "warmup_steps": 10, "weight_decay": 0.0,
-    "max_steps": 200, "seq_len": 1024, "batch_size": 4, "eval_every": 50, "save_every": 100,
+    "max_steps": 200, "seq_len": None, "batch_size": 4, "eval_every": 50, "save_every": 100,
     "sample_prompt": "Hello",
 }
 

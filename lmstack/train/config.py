@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from lmstack.errors import ConfigError
 
+DEFAULT_MAX_SEQ_LEN = 1024  # seq_len=None: the model's context, capped here (SFT conversations are short)
+
 
 @dataclass
 class TrainConfig:
@@ -29,7 +31,7 @@ class TrainConfig:
         model_overrides: ModelConfig fields to change on a preset, e.g. {num_layers: 4, hidden_size: 256}.
         val_data: Validation data: pretraining, a prepared directory (default: the data's val split); fine-tuning, a chat JSONL file.
         tokenizer: Directory with tokenizer.json; default: the data directory's, then the model directory's.
-        seq_len: Tokens per training sequence (must fit the model's max_position_embeddings).
+        seq_len: Tokens per training sequence (must fit the model's max_position_embeddings); null: the model's context, at most 1024.
         batch_size: Sequences per micro-batch on each device.
         grad_accum: Micro-batches accumulated per optimizer step.
         max_steps: Optimizer steps to train for.
@@ -77,7 +79,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     val_data: str | None = None
     tokenizer: str | None = None
-    seq_len: int = 256
+    seq_len: int | None = 256
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 1000
@@ -155,6 +157,8 @@ class TrainConfig:
                     "max_nonfinite_steps", "log_every", "eval_batches", "sample_tokens")
         for name in positive:
             value = getattr(self, name)
+            if name == "seq_len" and value is None:  # resolved from the model's context by the Trainer
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "loss_chunk_tokens"):

@@ -84,8 +84,10 @@ def check_tokenizers(config: TrainConfig, tokenizer, train_data, val_data) -> No
                             "tokenizer: lmstack data prepare --tokenizer MODEL_DIR ...")
 
 
-def apply_overrides(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
-    """`base` with some fields changed; head_dim and intermediate_size follow a new width unless given."""
+def apply_overrides(base: ModelConfig, overrides: dict[str, Any], given: dict[str, Any] | None = None) -> ModelConfig:
+    """`base` with some fields changed; head_dim and intermediate_size follow a new width unless given.
+
+    given: the overrides the user wrote (errors name those, not the ids and dtype filled in for them)."""
     for key in ("hidden_size", "num_heads"):  # the arithmetic below needs them before ModelConfig checks them
         value = overrides.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -106,7 +108,7 @@ def apply_overrides(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig
     try:
         return ModelConfig.from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"model_overrides {overrides}: {err}") from None
+        raise ConfigError(f"model_overrides {overrides if given is None else given}: {err}") from None
 
 
 def _check_no_model_options(config: TrainConfig) -> None:
@@ -150,7 +152,7 @@ def model_config_for(config: TrainConfig, model: Transformer | None, data_vocab:
                 if token_id is not None:
                     overrides.setdefault(f"{role}_token_id", token_id)
         overrides.setdefault("dtype", "float32")
-        cfg = apply_overrides(get_preset(config.model), overrides)
+        cfg = apply_overrides(get_preset(config.model), overrides, given=config.model_overrides)
     else:
         check_model_source(config)
     changes: dict[str, Any] = {"pad_vocab_to_multiple": config.pad_vocab_to_multiple}

@@ -10,6 +10,7 @@ data position, every RNG) is saved beside an HF model directory by `checkpoint/s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -34,7 +35,7 @@ from lmstack.errors import CheckpointError, ConfigError, DataError, TrainingErro
 from lmstack.model.transformer import Transformer
 from lmstack.train import distributed as D
 from lmstack.train.batches import Batch, open_pretraining_data, open_sft_data
-from lmstack.train.config import TrainConfig
+from lmstack.train.config import DEFAULT_MAX_SEQ_LEN, TrainConfig
 from lmstack.train.logging import RunLogger, peak_flops, plot_losses, read_metrics, write_report
 from lmstack.train.model_setup import (
     build_model,
@@ -66,6 +67,14 @@ class Trainer:
         check_out_dir(self.out_dir)  # before any work: a run that cannot save would be lost
         if model is None:
             check_model_source(c)
+        # the context first: a seq_len beyond it would otherwise be reported as data too short for it
+        context = (model.config if model is not None else model_config_for(c, None, None, None))
+        if c.seq_len is None:  # finetune's default: the model's context, at most 1024 tokens
+            self.config = c = dataclasses.replace(c, seq_len=min(DEFAULT_MAX_SEQ_LEN, context.max_position_embeddings))
+        if c.seq_len > context.max_position_embeddings:
+            raise ConfigError(f"seq_len={c.seq_len} does not fit the model's context (max_position_embeddings="
+                              f"{context.max_position_embeddings}); pass --seq_len "
+                              f"{context.max_position_embeddings} or less")
         self.dist = D.setup(c.device)
         self.device = self.dist.device
         self.precision = resolve_precision(c.precision, self.device)
@@ -87,12 +96,6 @@ class Trainer:
                   file=sys.stderr, flush=True)
         check_tokenizers(c, self.tokenizer, train_data, val_data)
         self.model_config = model_config_for(c, model, getattr(train_data, "vocab_size", None), self.tokenizer)
-        if c.seq_len > self.model_config.max_position_embeddings:
-            raise ConfigError(
-                f"seq_len={c.seq_len} does not fit the model's context (max_position_embeddings="
-                f"{self.model_config.max_position_embeddings}); pass --seq_len "
-                f"{self.model_config.max_position_embeddings} or less"
-            )
         self.resume_from, state = self._find_resume()
 
         seed_everything(c.seed)

@@ -138,3 +138,21 @@ def test_a_run_without_validation_data_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: no validation data, so this run reports no validation loss" in err
     assert "--val_fraction > 0, or pass --val_data DIR" in err
+
+
+def test_seq_len_none_takes_the_model_context_up_to_1024(tmp_path):
+    """finetune's default: a 256-position model trains at 256, a 2048-position one at 1024."""
+    rows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    small = Trainer(tiny_config(tmp_path / "a", seq_len=None), train_data=ListData([(rows, rows)]))
+    assert small.config.seq_len == 256
+    large = Trainer(tiny_config(tmp_path / "b", seq_len=None, model_overrides={"max_position_embeddings": 2048}),
+                    train_data=ListData([(rows, rows)]))
+    assert large.config.seq_len == 1024
+
+
+def test_the_context_is_checked_before_the_data(tmp_path, capsys):
+    """A seq_len beyond the model's context used to be reported as data too short for one window."""
+    code = main(["pretrain", "--model", "tiny-llama", "--seq_len", "100000", "--data", str(tmp_path / "nowhere"),
+                 "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "seq_len=100000 does not fit the model's context (max_position_embeddings=256)" in err, err
