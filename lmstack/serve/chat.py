@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from lmstack.errors import LmstackError
-from lmstack.serve.errors import APIError, bad_request
+from lmstack.serve.errors import APIError, bad_request, short
 from lmstack.serve.generation import SSE_DONE, PromptRun, SSEResponse, run_prompt, sse, until_disconnected
 from lmstack.serve.logprobs import chat_logprobs
 from lmstack.serve.params import (
@@ -97,11 +97,16 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.response_format is not None and req.response_format.type != "text":
         raise bad_request(f"response_format {req.response_format.type!r} is not supported (no constrained decoding "
                           "yet); use 'text'", param="response_format", code="unsupported_parameter")
-    choice = req.tool_choice
-    if choice is not None and not (isinstance(choice, str) and choice in ("none", "auto")):
-        raise bad_request("tool_choice other than 'none' or 'auto' is not supported: the server does not parse tool "
-                          "calls; tools are only shown to the model through its chat template",
-                          param="tool_choice", code="unsupported_parameter")
+    # The server does not parse tool calls out of the reply. As vLLM without a tool-call parser:
+    # only tool_choice="none" is served (the tools reach the model through its chat template and
+    # the reply is text); "auto" (the default when tools are given) would return a model's call as
+    # plain content, which clients read as "no tool called".
+    choice = req.tool_choice if req.tool_choice is not None or not req.tools else "auto"
+    if choice is not None and choice != "none":
+        raise bad_request(f"tool_choice {short(choice)} is not supported: this server does not parse tool calls out "
+                          "of the reply (no tool_calls are returned); pass tool_choice='none' to show the tools to "
+                          "the model through its chat template and get its reply as text", param="tool_choice",
+                          code="unsupported_parameter")
     if req.prompt_logprobs is not None:
         raise bad_request("prompt_logprobs is not supported on chat completions; use /v1/completions with the "
                           "rendered prompt (POST /tokenize gives its token ids)", param="prompt_logprobs",
@@ -134,7 +139,7 @@ async def _plan(state: Any, req: ChatCompletionRequest, request_id: str) -> Prom
         if violation is not None:
             state.metrics.safety_refusal("input", violation.category)
             raise APIError(400, violation.user_message(), param="messages", code="content_filter")
-    tools = req.tools if req.tool_choice != "none" else None
+    tools = req.tools  # tool_choice is 'none' here (checked above): shown to the model, its reply is text
     text = await render_chat_async(state, req.messages, add_generation_prompt=req.add_generation_prompt,
                                    continue_final_message=req.continue_final_message, tools=tools,
                                    template_kwargs=req.chat_template_kwargs, chat_template=req.chat_template)

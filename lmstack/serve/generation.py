@@ -120,7 +120,9 @@ async def run_prompt(state: Any, run: PromptRun, ticket: Any, deadline: float) -
     except asyncio.TimeoutError:
         raise APIError(504, f"the request did not finish within the server's timeout of "
                        f"{state.config.limits.request_timeout:g} s (--request-timeout); ask for fewer tokens",
-                       code="request_timeout") from None
+                       # the openai client retries 5xx (twice by default): the same generation would run
+                       # again and time out again; this header (which it honours) says not to
+                       code="request_timeout", headers={"x-should-retry": "false"}) from None
     except (LmstackError, RuntimeError) as err:
         raise engine_error(err) from None
     finally:

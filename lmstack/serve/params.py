@@ -16,11 +16,12 @@ from lmstack.serve.errors import APIError, bad_request, check_text, short
 
 
 def check_model(state: Any, model: str | None) -> str:
-    """The served model's name; 400 for a name this server does not serve."""
+    """The served model's name; 404 (as OpenAI and vLLM: the client raises NotFoundError) for a name
+    this server does not serve."""
     names = state.config.model_names
     if model is None or model == "" or model in names:
         return names[0]
-    raise APIError(400, f"the model {short(model)} does not exist on this server; it serves {names}",
+    raise APIError(404, f"the model {short(model)} does not exist on this server; it serves {names}",
                    param="model", code="model_not_found")
 
 

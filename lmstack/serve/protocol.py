@@ -74,6 +74,12 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM
+            raise FieldError("stream_options is only allowed with stream=true", "stream_options")
+        return self
+
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions. `prompt` may be text, a list of texts, token ids or lists of them."""
@@ -236,7 +242,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[dict[str, Any]] | None = None  # never filled: the server parses no tool calls
 
 
 class ChatChoice(BaseModel):

@@ -17,6 +17,24 @@ from lmstack.serve import ServeConfig, ServeLimits, create_app
 CHAT = [{"role": "user", "content": "Hi"}]
 
 
+def test_an_unknown_model_is_404_as_openai_and_vllm_answer(http):
+    """The openai client raises NotFoundError for it (code that falls back to another model catches that)."""
+    for path, body in (("/v1/completions", {"prompt": "Hi", "model": "missing"}),
+                       ("/v1/chat/completions", {"messages": CHAT, "model": "missing"}),
+                       ("/v1/embeddings", {"input": "Hi", "model": "missing"})):
+        err = api_error(http.post(path, json=body), 404)
+        assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "model", "model_not_found")
+        assert err["message"] == "the model 'missing' does not exist on this server; it serves ['tiny', 'tiny-alias']"
+
+
+def test_tools_reach_the_template_with_tool_choice_none(http):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "tools": tools, "tool_choice": "none",
+                                                "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"].get("tool_calls") is None
+
+
 @pytest.mark.parametrize("path,body,param,message", [
     ("/v1/completions", {"prompt": "Hi", "temperature": -0.5}, "temperature",
      r"^field 'temperature': Input should be greater than or equal to 0$"),
@@ -32,8 +50,6 @@ CHAT = [{"role": "user", "content": "Hi"}]
     ("/v1/completions", {"prompt": "Hi", "n": 17}, "n", r"^n=17 is above this server's limit of 16 samples per prompt$"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, "logprobs",
      r"^field 'logprobs': Input should be less than or equal to 20$"),
-    ("/v1/completions", {"prompt": "Hi", "model": "missing"}, "model",
-     r"^the model 'missing' does not exist on this server; it serves \['tiny', 'tiny-alias'\]$"),
     ("/v1/completions", {"prompt": "Hi", "stop": ["a"] * 40}, "stop",
      r"^stop has 40 strings; this server allows at most 32$"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"99999": 1}}, "logit_bias",
@@ -62,7 +78,11 @@ CHAT = [{"role": "user", "content": "Hi"}]
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format",
      r"^response_format 'json_object' is not supported .*; use 'text'$"),
     ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice",
-     r"^tool_choice other than 'none' or 'auto' is not supported"),
+     r"^tool_choice 'required' is not supported: this server does not parse tool calls .*tool_choice='none'"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tool_choice", r"^tool_choice 'auto' is not supported: .*\(no tool_calls are returned\)"),  # auto: the default
+    ("/v1/chat/completions", {"messages": CHAT, "stream_options": {"include_usage": True}}, "stream_options",
+     r"^stream_options is only allowed with stream=true$"),
     ("/v1/embeddings", {"input": []}, "input", r"^input is an empty list; give at least one text$"),
     ("/v1/embeddings", {"input": "Hi", "dimensions": 3}, "dimensions",
      r"^dimensions=3 is not supported: this model's embeddings have 64 dimensions$"),
@@ -81,7 +101,7 @@ def test_malformed_bodies_are_400(http):
         err = api_error(http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"}), 400)
         assert err["code"] in ("invalid_json", "invalid_type", "missing_required_parameter")
     api_error(http.post("/v1/completions", content=b"prompt=Hi", headers={"Content-Type": "text/plain"}), 400)
-    assert api_error(http.get("/v1/nothing"), 404)["type"] == "not_found_error"
+    assert api_error(http.get("/v1/nothing"), 404)["type"] == "invalid_request_error"  # OpenAI's type for 404s
     api_error(http.delete("/v1/models"), 405)
 
 
@@ -151,8 +171,19 @@ def test_request_timeout_is_504_and_aborts(engine):
     config = ServeConfig(model_names=["tiny"], limits=ServeLimits(request_timeout=0.2))
     with LiveServer(create_app(engine, config=config)) as live:
         body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "n": 16}
-        err = api_error(httpx.post(live.url + "/v1/completions", json=body, timeout=30), 504)
+        r = httpx.post(live.url + "/v1/completions", json=body, timeout=30)
+        err = api_error(r, 504)
         assert err["code"] == "request_timeout" and "--request-timeout" in err["message"]
+        assert r.headers["x-should-retry"] == "false"  # the openai client would otherwise run it twice more
+        import openai
+
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=2)
+        before = wait_idle(engine).requests_finished_total.get("abort", 0)
+        with pytest.raises(openai.InternalServerError):
+            client.completions.create(model="tiny", prompt=body["prompt"], max_tokens=body["max_tokens"], n=body["n"],
+                                      extra_body={"ignore_eos": True})
+        aborted = wait_idle(engine).requests_finished_total.get("abort", 0) - before
+        assert aborted == body["n"]  # its 16 samples ran once, not three times
         with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
             assert r.status_code == 200
             events = [line for line in r.iter_lines() if line.startswith("data: ")]

@@ -158,7 +158,7 @@ def test_models_and_aliases(client):
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]
     out = client.completions.create(model="tiny-alias", prompt="Hi", max_tokens=2)
     assert out.model == "tiny"
-    with pytest.raises(openai.BadRequestError) as err:
+    with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
     assert err.value.body["code"] == "model_not_found" and "gpt-4" in err.value.body["message"]
 

@@ -274,7 +274,7 @@ def test_models_retrieve_and_head_health(server, client):
     assert client.models.retrieve("tiny-alias").max_model_len == server.state.engine.max_model_len
     r = httpx.get(server.url + "/v1/models/nope", headers={"Authorization": f"Bearer {API_KEY}"})
     err = api_error(r, 404)
-    assert err["code"] == "model_not_found" and err["type"] == "not_found_error"
+    assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
     assert httpx.get(server.url + "/v1/models/tiny").status_code == 401  # behind the key like /v1/models
     assert httpx.head(server.url + "/health").status_code == 200
 
@@ -290,7 +290,7 @@ def test_models_retrieve_and_head_health(server, client):
     (b'{"prompt": "Hi", "model": "' + b"m" * 5000 + b'"}', "model", "does not exist"),
 ])
 def test_odd_values_get_a_precise_short_message(http, body, param, needle):
-    err = api_error(_raw(http, "/v1/completions", body), 400)
+    err = api_error(_raw(http, "/v1/completions", body), 404 if param == "model" else 400)
     assert err["param"] == param and needle in err["message"], err
     assert len(err["message"]) < 300, err["message"]
     assert "less than or equal" not in err["message"]
