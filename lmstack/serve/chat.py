@@ -50,14 +50,32 @@ _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "toke
 
 def messages_as_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         d = {"role": m.role, "content": m.text()}
-        for key in ("name", "tool_call_id", "tool_calls"):
+        for key in ("name", "tool_call_id"):
             value = getattr(m, key)
             if value is not None:
                 d[key] = value
+        if m.tool_calls is not None:
+            d["tool_calls"] = [_parsed_arguments(call, f"messages[{i}].tool_calls[{j}]")
+                               for j, call in enumerate(m.tool_calls)]
         out.append(d)
     return out
+
+
+def _parsed_arguments(call: Any, where: str) -> Any:
+    """A tool call with its `function.arguments` as a dict. OpenAI's clients send the arguments as a
+    JSON string, tool-use templates (Llama 3.1, Qwen2.5, ...) print them as an object: passed as a
+    string they would be shown to the model double-encoded. vLLM parses them the same way."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError as err:
+        raise bad_request(f"{where}.function.arguments is not valid JSON ({err.msg} at character {err.pos}); send "
+                          "the arguments as a JSON object string", param="messages") from None
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def render_chat(state: Any, messages: list[ChatMessage], *, add_generation_prompt: bool = True,

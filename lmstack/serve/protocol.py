@@ -107,8 +107,8 @@ class ChatMessage(_Request):
     tool_calls: list[dict[str, Any]] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+        if isinstance(self.content, list):  # text parts on separate lines, as vLLM joins them for string templates
+            return "\n".join(part.text for part in self.content)
         return self.content or ""
 
 

@@ -347,3 +347,26 @@ def test_long_prompts_are_tokenized_with_encode_batch_which_releases_the_gil():
 
     assert _encode_long(Recording(), "x" * 10, add_special_tokens=False) == [1, 2]
     assert calls == [("encode_batch", 1, False)]
+
+
+def test_tool_call_arguments_sent_as_json_strings_reach_the_template_as_objects():
+    """OpenAI's clients send function.arguments as a JSON string; tool-use templates print an object
+    (`{{ tool_call.arguments | tojson }}`): a string would be shown to the model double-encoded."""
+    import jinja2
+
+    from lmstack.serve.chat import messages_as_dicts
+    from lmstack.serve.errors import APIError
+    from lmstack.serve.protocol import ChatMessage
+
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [ChatMessage(role="user", content=[{"type": "text", "text": "Weather?"}, {"type": "text", "text": "Now."}]),
+                ChatMessage(role="assistant", content=None, tool_calls=[call])]
+    dicts = messages_as_dicts(messages)
+    assert dicts[0]["content"] == "Weather?\nNow."  # text parts on their own lines, as vLLM joins them
+    assert dicts[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert call["function"]["arguments"] == '{"city": "Paris"}'  # the request itself is not changed
+    shown = jinja2.Template("{{ (m.tool_calls[0].function.arguments) | tojson }}").render(m=dicts[1])
+    assert shown == '{"city": "Paris"}'
+    bad = ChatMessage(role="assistant", tool_calls=[{"function": {"name": "f", "arguments": "{city: Paris"}}])
+    with pytest.raises(APIError, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not valid JSON"):
+        messages_as_dicts([messages[0], bad])
