@@ -13,8 +13,9 @@ from lmstack.errors import ConfigError
 from lmstack.infer.decoder import Decoder, make_decoder
 from lmstack.infer.params import GenerationConfig
 
-# End-of-turn markers of common templates: generation stops on them as on EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# End-of-turn markers of common templates: generation stops on them as on EOS. <|eom_id|> is Llama
+# 3.1's end of a tool-calling (ipython) message: the turn ends there too, waiting for the tool's output.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 def stop_ids_for_chat(tokenizer, model=None) -> list[int]:

@@ -75,6 +75,10 @@ def test_chat_stop_ids_come_from_the_loaded_model(stop_dir):
     model, _ = lmstack.load(directory)
     tokenizer = SimpleNamespace(eos_token_id=2, backend=SimpleNamespace(token_to_id=lambda token: None))
     assert stop_ids_for_chat(tokenizer, model) == sorted({2, 96, stop})
+    # a template's end-of-turn tokens stop it too: Llama 3's <|eot_id|>, and 3.1's <|eom_id|> after a tool call
+    specials = {"<|eot_id|>": 50, "<|eom_id|>": 51}
+    tokenizer.backend = SimpleNamespace(token_to_id=specials.get)
+    assert stop_ids_for_chat(tokenizer, model) == sorted({2, 96, stop, 50, 51})
 
 
 @pytest.mark.parametrize("text,message", [
