@@ -40,8 +40,23 @@ import torch
 from torch import nn
 
 # Packing holds a second copy of the linear weights; beyond this many bytes the memory matters
-# more than the speed, and decoding uses the model as it is.
-MAX_PACKED_BYTES = int(os.environ.get("LMSTACK_CPU_PACK_MAX_BYTES", 4 * 2**30))
+# more than the speed, and decoding uses the model as it is (LMSTACK_CPU_PACK_MAX_BYTES overrides it).
+MAX_PACKED_BYTES = 4 * 2**30
+
+
+def max_packed_bytes() -> int:
+    """LMSTACK_CPU_PACK_MAX_BYTES (bytes, or a size like 2GB / 512MiB), read at each call; else MAX_PACKED_BYTES."""
+    from lmstack.checkpoint.files import parse_size
+    from lmstack.errors import CheckpointError, ConfigError
+
+    raw = os.environ.get("LMSTACK_CPU_PACK_MAX_BYTES")
+    if raw is None:
+        return MAX_PACKED_BYTES
+    try:
+        return parse_size(raw)
+    except CheckpointError:
+        raise ConfigError(f"LMSTACK_CPU_PACK_MAX_BYTES={raw!r} is not a size: give bytes (4294967296) or a size "
+                          "like 4GB or 512MiB") from None
 
 
 class PackedLinear(nn.Module):
@@ -79,7 +94,7 @@ def can_pack(model: nn.Module) -> bool:
     if any(type(w) not in (torch.Tensor, nn.Parameter) or w.device.type != "cpu" or w.dtype != torch.float32
            for w in weights):
         return False  # quantized (torchao) or non-fp32 weights keep their own kernels
-    return linear_weight_bytes(model) <= MAX_PACKED_BYTES
+    return linear_weight_bytes(model) <= max_packed_bytes()
 
 
 def linear_weight_bytes(model: nn.Module) -> int:

@@ -221,40 +221,24 @@ def test_models_over_the_packing_limit_are_not_packed(monkeypatch):
     assert _same_output(_generate_with(model), reference) and model not in cpu_packing._packed_views
 
 
-def test_cpu_pack_max_bytes_is_read_from_the_environment():
-    """LMSTACK_CPU_PACK_MAX_BYTES is read when cpu_packing is imported, so a fresh process is set
-    one byte below this model's linear weights: it decodes unpacked, with the same tokens."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_cpu_pack_max_bytes_is_read_from_the_environment(monkeypatch):
+    """LMSTACK_CPU_PACK_MAX_BYTES one byte below this model's linear weights: it decodes unpacked, with
+    the same tokens; a size like 1GB packs it again; a value that is no size is named."""
+    from lmstack.errors import ConfigError
 
     model, _ = lmstack.load("tiny-llama", random_init=True, seed=0)
     randomize_(model, seed=3, std=0.15).eval()
     size = cpu_packing.linear_weight_bytes(model)
     reference = _generate_with(model, Decoder(model))
-    child = f"""
-import json, sys, torch
-torch.set_num_threads(1)
-sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-import lmstack
-from hf_models import randomize_
-from lmstack.infer import GenerationConfig, cpu_packing, generate, make_decoder
-model = randomize_(lmstack.load("tiny-llama", random_init=True, seed=0)[0], seed=3, std=0.15).eval()
-prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(1)).tolist()
-out = generate(model, [prompt], GenerationConfig(max_new_tokens=10, ignore_eos=True, logprobs=0))[0].outputs[0]
-print(json.dumps(dict(limit=cpu_packing.MAX_PACKED_BYTES, decoder=type(make_decoder(model)).__name__,
-                      tokens=out.token_ids, logprobs=out.logprobs)))
-"""
-    env = dict(os.environ, LMSTACK_CPU_PACK_MAX_BYTES=str(size - 1))
-    env.pop("LMSTACK_CPU_PACK", None)  # the limit alone must turn packing off
-    run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["limit"] == size - 1 and got["decoder"] == "Decoder"
-    assert got["tokens"] == reference.token_ids
-    assert max(abs(a - b) for a, b in zip(got["logprobs"], reference.logprobs)) < 1e-5
+    monkeypatch.delenv("LMSTACK_CPU_PACK", raising=False)  # the limit alone must turn packing off
+    monkeypatch.setenv("LMSTACK_CPU_PACK_MAX_BYTES", str(size - 1))
+    assert cpu_packing.max_packed_bytes() == size - 1 and type(make_decoder(model)) is Decoder
+    assert _same_output(_generate_with(model), reference) and model not in cpu_packing._packed_views
+    monkeypatch.setenv("LMSTACK_CPU_PACK_MAX_BYTES", "1GB")
+    assert cpu_packing.max_packed_bytes() == 10**9 and cpu_packing.can_pack(model)
+    monkeypatch.setenv("LMSTACK_CPU_PACK_MAX_BYTES", "lots")
+    with pytest.raises(ConfigError, match=r"LMSTACK_CPU_PACK_MAX_BYTES='lots' is not a size: give bytes"):
+        cpu_packing.can_pack(model)
 
 
 @needs_torch_openmp
