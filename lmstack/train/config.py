@@ -17,6 +17,7 @@ from typing import Any, Literal
 from lmstack.errors import ConfigError
 
 DEFAULT_MAX_SEQ_LEN = 1024  # seq_len=None: the model's context, capped here (SFT conversations are short)
+SMOKE_RUN_STEPS = 10  # runs this short are smoke tests: a warmup as long as the run is not refused
 
 
 @dataclass
@@ -38,8 +39,8 @@ class TrainConfig:
         lr: Peak learning rate.
         min_lr: Learning rate at the end of the decay.
         schedule: cosine (warmup, cosine decay), wsd (warmup, stable, linear decay) or constant (after warmup).
-        warmup_steps: Linear warmup steps.
-        decay_steps: Cosine: step where the decay reaches min_lr (default: max_steps; at least warmup_steps). WSD: length of the final decay (default: 20% of max_steps; at most max_steps - warmup_steps).
+        warmup_steps: Linear warmup steps; must be below max_steps (runs of more than 10 steps).
+        decay_steps: Cosine: step where the decay reaches min_lr (default: max_steps; at least warmup_steps). WSD: length of the final decay (default: 20% of max_steps; at most max_steps - warmup_steps, the default included).
         weight_decay: AdamW weight decay of matrices (norms, biases and embeddings are never decayed unless decay_embeddings).
         decay_embeddings: Also decay embedding tables (nanoGPT does; used to reproduce it).
         beta1: AdamW beta1.
@@ -64,7 +65,7 @@ class TrainConfig:
         save_every: Write a checkpoint every this many steps (0: only at the end).
         keep_last: Keep this many newest checkpoints.
         resume: Continue from the newest complete checkpoint in out_dir/checkpoints.
-        max_nonfinite_steps: Stop after this many non-finite losses in a row (each one skips its step).
+        max_nonfinite_steps: Stop after this many steps in a row with a non-finite loss or gradient norm (each one skips its update).
         log_every: Write metrics.jsonl and refresh the progress bar every this many steps.
         pack: Fine-tuning: pack several conversations into each sequence.
         skip_bad: Fine-tuning: skip malformed conversations (counted in the log) instead of stopping.
@@ -195,9 +196,22 @@ class TrainConfig:
         if not isinstance(self.model_overrides, dict):
             raise ConfigError(f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
 
+    def wsd_decay_steps(self) -> int:
+        """Length of WSD's final decay: decay_steps, default 20% of max_steps (at least 1)."""
+        return self.decay_steps or max(1, round(0.2 * self.max_steps))
+
+    def _wsd_min_steps(self) -> int:
+        """The fewest max_steps whose default WSD decay starts at or after the warmup ends."""
+        steps = self.max_steps
+        while steps - max(1, round(0.2 * steps)) < self.warmup_steps:
+            steps += 1
+        return steps
+
     def _check_decay_steps(self) -> None:
-        """A WSD decay that overlaps the warmup (or outlasts the run), or a cosine that ends before
-        the warmup does, never reaches --lr: almost surely a mistake, and a silent one."""
+        """A WSD decay that overlaps the warmup (or outlasts the run), a cosine that ends before the
+        warmup does, or a warmup as long as the run never reaches --lr: almost surely a mistake, and a
+        silent one. Runs of at most SMOKE_RUN_STEPS steps (smoke tests) are exempt from the checks on
+        the defaults (not from those on an explicit decay_steps)."""
         d, warmup, steps = self.decay_steps, self.warmup_steps, self.max_steps
         if self.schedule == "wsd" and d is not None and d > steps - warmup:
             allowed = f"1..{steps - warmup} (max_steps - warmup_steps)" if steps > warmup else "none (raise max_steps)"
@@ -206,6 +220,21 @@ class TrainConfig:
         if self.schedule == "cosine" and d is not None and d < warmup:
             raise ConfigError(f"decay_steps={d} with schedule cosine ends before warmup_steps={warmup}, so lr is "
                               f"never reached; decay_steps must be >= warmup_steps ({warmup}) or unset (max_steps)")
+        if steps <= SMOKE_RUN_STEPS:
+            return
+        default = " (the default)" if warmup == TrainConfig.warmup_steps else ""
+        if warmup >= steps:
+            raise ConfigError(
+                f"warmup_steps={warmup}{default} is not below max_steps={steps}: the whole run would be warmup and "
+                f"the learning rate would never reach lr={self.lr:g} (nor decay); pass --warmup_steps "
+                f"{max(1, steps // 10)} (10% of max_steps) or any value below {steps}, or raise --max_steps above {warmup}")
+        decay = self.wsd_decay_steps()
+        if self.schedule == "wsd" and decay > steps - warmup:  # only the default decay gets here
+            raise ConfigError(
+                f"schedule wsd with max_steps={steps}, warmup_steps={warmup}{default}: the default decay_steps "
+                f"({decay}, 20% of max_steps) would start at step {steps - decay}, inside the warmup, so lr is never "
+                f"reached; pass --decay_steps 1..{steps - warmup} (max_steps - warmup_steps), lower --warmup_steps to "
+                f"{steps - decay} or less, or raise --max_steps to {self._wsd_min_steps()} or more")
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

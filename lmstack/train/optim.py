@@ -61,7 +61,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
     if config.schedule == "constant":
         return lr
     if config.schedule == "wsd":
-        decay = config.decay_steps or max(1, round(0.2 * config.max_steps))
+        decay = config.wsd_decay_steps()
         start = config.max_steps - decay
         if step < start:
             return lr

@@ -166,7 +166,10 @@ def run_quickstart(out_dir: str = "runs/quickstart", device: str = "auto", minut
     config = config.replace(**plan.extra)
     if plan.max_steps is None:
         t = time.perf_counter()
-        config = config.replace(max_steps=calibrate_steps(config, plan.train_seconds, log))
+        steps = calibrate_steps(config, plan.train_seconds, log)
+        # a warmup of at most a fifth of the run (50 steps from 250 on): a slow machine's 50-step run
+        # would otherwise be all warmup (TrainConfig refuses that)
+        config = config.replace(max_steps=steps, warmup_steps=min(config.warmup_steps, steps // 5))
         shutil.rmtree(out / ".calibration", ignore_errors=True)
         timings["calibration"] = time.perf_counter() - t
     config = config.replace(eval_every=max(50, config.max_steps // 5))

@@ -258,9 +258,10 @@ class Trainer:
         return self.settle()
 
     def launch_step(self) -> None:
-        """Queue one optimizer step. A non-finite loss skips the update: on the device when the
-        optimizer is fused (AdamW's `found_inf`, no host sync), else here after reading the loss.
-        `settle` does the bookkeeping (warning, count, stopping) once the loss reaches the host."""
+        """Queue one optimizer step. A non-finite loss or gradient norm skips the update: on the device
+        when the optimizer is fused (AdamW's `found_inf`, no host sync), else here after reading them
+        (fp16: the GradScaler skips overflowing gradients itself and lowers its scale). `settle` does
+        the bookkeeping (warning, count, stopping) once the values reach the host."""
         c = self.config
         lr = lr_at(self.step, c)
         for group in self.optimizer.param_groups:
@@ -269,30 +270,54 @@ class Trainer:
         mean_loss = self.accumulate_gradients(batches)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        pending = PendingLoss(self.step, lr, mean_loss)
-        self._pending.append(pending)
         if self.skip_on_device:
-            self.optimizer_step(found_inf=(~torch.isfinite(mean_loss)).float())
-        elif math.isfinite(pending.value()):
+            norm = self.clip_gradients()
+            self._pending.append(PendingLoss(self.step, lr, mean_loss, norm))
+            good = torch.isfinite(mean_loss) & torch.isfinite(norm)  # a NaN/inf norm: clipping made the grads NaN
+            self.optimizer_step(found_inf=(~good).float())
+        elif self.scaler.is_enabled():  # fp16 (host path)
+            if not math.isfinite(mean_loss.item()):
+                self._pending.append(PendingLoss(self.step, lr, mean_loss))
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+            # gradients that overflow float16 at this loss scale: the scaler skips the step (its found_inf,
+            # from unscale_) and halves the scale; settle() tells calibration from a bad gradient
+            scale = self.scaler.get_scale()
+            self.scaler.unscale_(self.optimizer)
+            pending = PendingLoss(self.step, lr, mean_loss, self.clip_gradients(), loss_scale=scale)
+            self._pending.append(pending)
             self.optimizer_step()
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            pending = PendingLoss(self.step, lr, mean_loss, self.clip_gradients())
+            self._pending.append(pending)
+            if pending.finite():
+                self.optimizer_step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
 
     def settle(self, keep: int = 0) -> float:
-        """Read back all but the newest `keep` queued losses, counting non-finite ones (and stopping
-        after max_nonfinite_steps in a row); returns the last loss read (nan if none).
+        """Read back all but the newest `keep` queued steps, counting those skipped for a non-finite
+        loss or gradient norm (and stopping after max_nonfinite_steps in a row); returns the last loss
+        read (nan if none; a step skipped for its gradient norm returns its finite loss).
 
         In `fit` the stop comes one step after the streak's last bad step: that next step has
-        already run (and, if its loss was finite, updated the weights in memory); nothing is
-        saved in between, so the last good checkpoint named in the error is unaffected."""
+        already run (and, if it was finite, updated the weights in memory); nothing is saved in
+        between, so the last good checkpoint named in the error is unaffected."""
         loss = math.nan
         while len(self._pending) > keep:
             pending = self._pending.popleft()
             loss = pending.value()
-            if math.isfinite(loss):
+            if pending.finite():
                 self.nonfinite_in_a_row = 0
+            elif math.isfinite(loss) and pending.loss_scale is not None and pending.loss_scale > 1:
+                # fp16: the GradScaler's calibration (gradients too large for float16 at this scale);
+                # neither good nor counted
+                self.log.message(f"note: step {pending.step}: fp16 gradients overflowed at loss scale "
+                                 f"{pending.loss_scale:g}; the gradient scaler skipped the update and halved the scale")
+                self.log.log({"step": pending.step, "skipped": True, "loss_scale": pending.loss_scale,
+                              "lr": pending.lr})
             else:
-                self._skipped(pending.step, loss, pending.lr)
+                self._skipped(pending.step, loss, pending.grad_norm(), pending.lr)
         return loss
 
     def accumulate_gradients(self, batches: list[Batch]) -> torch.Tensor:
@@ -318,13 +343,23 @@ class Trainer:
             loss_sum += out.ce_loss.detach().float() * counts[i]
         return d.all_reduce_sum(loss_sum) / total
 
-    def optimizer_step(self, found_inf: torch.Tensor | None = None) -> None:
-        """Unscale (fp16), clip, step, zero the gradients. `found_inf` (a 0-d float tensor, 1.0 =
-        skip) makes the fused AdamW leave weights, moments and step count untouched."""
-        self.scaler.unscale_(self.optimizer)
+    def clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm (0-d, on the device), gradients clipped to grad_clip when it is > 0.
+        Computed without clipping too: a non-finite norm must skip the step either way. (Call after the
+        fp16 scaler's unscale_.)"""
         if self.config.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
-            self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        elif hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: the norm alone, no rescaling pass
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.raw_model.parameters() if p.grad is not None])
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), math.inf)
+        self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return self.grad_norm
+
+    def optimizer_step(self, found_inf: torch.Tensor | None = None) -> None:
+        """Step (the fp16 scaler's step and update), zero the gradients; after `clip_gradients`.
+        `found_inf` (a 0-d float tensor, 1.0 = skip) makes the fused AdamW leave weights, moments
+        and step count untouched."""
         if found_inf is not None:
             self.optimizer.found_inf = found_inf
         try:
@@ -335,17 +370,20 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _skipped(self, step: int, loss: float, lr: float) -> None:
+    def _skipped(self, step: int, loss: float, grad_norm: float | None, lr: float) -> None:
         c = self.config
         self.nonfinite_in_a_row += 1
-        self.log.message(f"warning: step {step}: loss is {loss}; skipped the update "
+        what = (f"loss is {loss}" if not math.isfinite(loss) else
+                f"gradient norm is {grad_norm} (loss {loss:.4f})")
+        self.log.message(f"warning: step {step}: {what}; skipped the update "
                          f"({self.nonfinite_in_a_row} in a row, stopping at {c.max_nonfinite_steps})")
-        self.log.log({"step": step, "loss": None, "skipped": True, "lr": lr})
+        self.log.log({"step": step, "loss": _finite_or_none(loss), "grad_norm": _finite_or_none(grad_norm),
+                      "skipped": True, "lr": lr})
         if self.nonfinite_in_a_row >= c.max_nonfinite_steps:
             kept = latest_checkpoint(c.out_dir)
             raise TrainingError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {step}); stopped. "
-                f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Lower --lr, "
+                f"{self.nonfinite_in_a_row} non-finite steps in a row (loss or gradient norm; last at step {step}); "
+                f"stopped. The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Lower --lr, "
                 "raise --warmup_steps or use --precision bf16/fp32, then --resume true"
             )
 
@@ -542,3 +580,8 @@ class Trainer:
 
     def close(self) -> None:
         self.dist.close()
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """A metric for metrics.jsonl: JSON has no nan or inf, so those are written as null."""
+    return value if value is not None and math.isfinite(value) else None

@@ -70,3 +70,74 @@ def test_decay_steps_that_never_reach_lr_are_refused(schedule, decay_steps, mess
     cfg = TrainConfig(**settings, decay_steps={"wsd": 6, "cosine": 4}[schedule])
     assert cfg.decay_steps in (6, 4)
 
+
+
+@pytest.mark.parametrize("settings, message", [
+    # the default warmup (100 steps) in a 50-step run: all warmup, lr never reached, no decay
+    (dict(max_steps=50), r"warmup_steps=100 \(the default\) is not below max_steps=50: the whole run would be warmup "
+                         r"and the learning rate would never reach lr=0\.001 .*pass --warmup_steps 5 .* or raise "
+                         r"--max_steps above 100"),
+    (dict(max_steps=50, schedule="wsd"), r"warmup_steps=100 \(the default\) is not below max_steps=50"),
+    (dict(max_steps=30, warmup_steps=30, schedule="constant"), r"warmup_steps=30 is not below max_steps=30"),
+    # WSD's default decay (20% = 22 steps) would start at step 88, inside the 100-step warmup: lr
+    # climbed to 9.9e-4 and then dropped to 4.7e-4 in one step
+    (dict(max_steps=110, schedule="wsd"), r"schedule wsd with max_steps=110, warmup_steps=100 \(the default\): the "
+                                          r"default decay_steps \(22, 20% of max_steps\) would start at step 88, inside "
+                                          r"the warmup.*--decay_steps 1\.\.10 .*--warmup_steps to 88 or less.*"
+                                          r"--max_steps to 125 or more"),
+])
+def test_schedules_that_never_reach_lr_by_default_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(lr=1e-3, **settings)
+
+
+def _torch_schedule(cfg: TrainConfig) -> list[float]:
+    """The run's learning rates composed from torch's schedulers: LinearLR warmup, then CosineAnnealingLR
+    over the rest, or a constant lr until WSD's LinearLR decay over the last decay_steps."""
+    lr, min_lr, warmup, steps = cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps
+    out = reference_lrs(lambda o: torch.optim.lr_scheduler.LinearLR(o, 1 / (warmup + 1), 1.0, warmup),
+                        warmup, lr) if warmup else []
+    if cfg.schedule == "cosine":
+        return out + reference_lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps - warmup, min_lr),
+                                   steps - warmup, lr)
+    if cfg.schedule == "constant":
+        return out + [lr] * (steps - warmup)
+    decay = max(1, round(0.2 * steps))  # WSD's documented default: 20% of max_steps
+    stable = steps - decay - warmup
+    assert stable >= 0, "no such schedule: the decay overlaps the warmup"
+    return out + [lr] * stable + reference_lrs(
+        lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, min_lr / lr, decay), decay + 1, lr)[1:]
+
+
+def test_every_accepted_default_schedule_is_torchs_warmup_then_decay():
+    """Over a grid of run lengths and warmups (decay_steps left to its default), a config is accepted
+    exactly when its warmup ends inside the run and WSD's default decay starts after it, and every
+    accepted schedule equals the one composed from torch's schedulers."""
+    for schedule in ("cosine", "wsd", "constant"):
+        for steps in (11, 12, 20, 50, 99, 100, 101, 110, 124, 125, 126, 200):
+            for warmup in (0, 1, 9, 10, 50, 88, 89, 99, 100, 110):
+                settings = dict(lr=1.0, min_lr=0.1, max_steps=steps, warmup_steps=warmup, schedule=schedule)
+                valid = warmup < steps and (schedule != "wsd" or steps - max(1, round(0.2 * steps)) >= warmup)
+                if not valid:
+                    with pytest.raises(ConfigError):
+                        TrainConfig(**settings)
+                    continue
+                cfg = TrainConfig(**settings)
+                ours, ref = [lr_at(s, cfg) for s in range(steps)], _torch_schedule(cfg)
+                assert max(abs(a - b) for a, b in zip(ours, ref)) < 1e-12 and len(ref) == steps, settings
+
+
+def test_shipped_defaults_and_smoke_runs_stay_valid():
+    from lmstack.cli.train import FINETUNE_DEFAULTS
+
+    TrainConfig()  # pretraining's defaults: 1000 steps, warmup 100
+    finetune = {k: v for k, v in FINETUNE_DEFAULTS.items() if k != "max_steps"}
+    for steps in range(1, 400):  # `lmstack finetune` (warmup 10) accepts any --max_steps (WSD: from 12 on)
+        for schedule in ("cosine", "constant") + (("wsd",) if steps != 11 else ()):
+            TrainConfig(**finetune, max_steps=steps, schedule=schedule)
+    with pytest.raises(ConfigError, match=r"--decay_steps 1\.\.1 .* or raise --max_steps to 12 or more"):
+        TrainConfig(**finetune, max_steps=11, schedule="wsd")
+    for steps in range(1, 11):  # smoke runs: `lmstack pretrain --max_steps 1` with the default warmup of 100
+        TrainConfig(max_steps=steps, schedule="wsd")
+    for steps in range(50, 20001, 10):  # quickstart: calibrated to 50..20000 steps, warmup at most a fifth
+        TrainConfig(max_steps=steps, warmup_steps=min(50, steps // 5))

@@ -112,7 +112,7 @@ def test_nonfinite_loss_skips_the_step_then_stops(tmp_path, capsys):
     assert torch.isfinite(torch.tensor(trainer.train_step()))
     assert trainer.nonfinite_in_a_row == 0  # a good step resets the count
     poison["on"] = True
-    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row.*step-00000002"):
+    with pytest.raises(TrainingError, match=r"3 non-finite steps in a row.*step-00000002"):
         trainer.fit()
     assert "skipped the update" in capsys.readouterr().err
     reloaded, _ = lmstack.load(tmp_path / "checkpoints" / "step-00000002")
