@@ -1,11 +1,34 @@
 """Instruction data: chat / Alpaca / ShareGPT records -> ids + loss mask, packed into rows.
 
-A conversation is rendered through the tokenizer's chat template. Each assistant reply is
-the text the template adds between "history + generation prompt" and "history + reply", so
-the mask covers exactly what the model must generate (the reply and the template's
-end-of-turn marker). Pieces are tokenized one by one, the way generation sees them: the
-prompt alone, then the reply. Packing concatenates examples into full rows with
-`document_ids` and restarting `positions`, so the model's attention never crosses examples.
+A conversation is rendered through the tokenizer's chat template, and the loss mask is found
+one of two ways:
+
+* The template has `{% generation %}` blocks (transformers' assistant-mask markers): the whole
+  rendered text is encoded and the tokens covering each block's output are trained, exactly
+  transformers' `apply_chat_template(..., tokenize=True, return_dict=True,
+  return_assistant_tokens_mask=True)` (`input_ids` and `assistant_masks`).
+* Otherwise, by render differences: each assistant reply is the text the template adds between
+  "history + generation prompt" and "history + reply", so the mask covers exactly what the model
+  must generate (the reply and the template's end-of-turn marker). Pieces are tokenized one by
+  one, the way generation sees them: the prompt alone, then the reply. (transformers has no
+  mask for such templates: its `assistant_masks` are all 0.)
+
+  Some templates write text only at the very end of a conversation (Phi-3 appends `eos_token`
+  when `add_generation_prompt` is false), so "history + reply" is not how that history starts
+  once later turns follow. When that trailing text is the only difference (found at a token
+  boundary, identical for every turn, and at the end of the whole render), it is left out of
+  the earlier replies and attributed to the final assistant reply, which trains it; after a
+  final user turn it is context. transformers itself gives no mask here (no markers: all 0);
+  this is the mask of TRL's `phi3_training` template (Phi-3 with `{% generation %}` blocks,
+  the eos inside one only when the conversation ends with an assistant turn), and what a
+  single-turn render trains: the model learns to end the conversation with it.
+  Templates that rewrite earlier turns (Mistral moves the system prompt into the last user
+  turn, Qwen3 drops `<think>` reasoning from earlier assistant turns) cannot be split this way:
+  the error names the likely cause and the ways out (a template with `{% generation %}` blocks,
+  merging the system prompt into the first user message, or one assistant reply per example).
+
+Packing concatenates examples into full rows with `document_ids` and restarting `positions`,
+so the model's attention never crosses examples.
 """
 
 from __future__ import annotations
@@ -147,10 +170,15 @@ def numbered_chat_records(path_or_records: str | Path | list[Any], skip_bad: boo
 
 # ---- rendering with a loss mask --------------------------------------------------------
 def assistant_segments(tokenizer: Any, messages: list[dict[str, Any]], **template_vars: Any) -> list[tuple[str, bool]]:
-    """The rendered conversation as [(text, is_assistant_reply)], joined = the full render."""
+    """The rendered conversation as [(text, is_assistant_reply)], joined = the full render.
+
+    Found by render differences (see the module docstring), for templates without
+    `{% generation %}` blocks; ValueError when the template rewrites earlier turns.
+    """
     full = tokenizer.apply_chat_template(messages, **template_vars)
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of `full` already in segments
+    end_suffix: str | None = None  # text the template writes only at the end of a conversation
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -158,18 +186,108 @@ def assistant_segments(tokenizer: Any, messages: list[dict[str, Any]], **templat
             raise ValueError("the conversation starts with an assistant message; a user or system turn must come first")
         prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, **template_vars)
         with_reply = tokenizer.apply_chat_template(messages[:i + 1], **template_vars)
-        if not (with_reply.startswith(prompt) and full.startswith(with_reply) and len(prompt) >= done):
-            raise ValueError(f"the chat template renders turn {i} differently once later turns follow, so the "
-                             "assistant text cannot be located; use a template that renders history unchanged")
+        reply_end = len(with_reply)
+        if with_reply.startswith(prompt) and not full.startswith(with_reply):
+            suffix = _conversation_end_suffix(tokenizer, with_reply, full)
+            cut = len(with_reply) - len(suffix)
+            if (suffix and end_suffix in (None, suffix) and cut >= len(prompt)
+                    and _reply_kept(message, with_reply[len(prompt):cut])):
+                end_suffix, reply_end = suffix, cut
+        if not (with_reply.startswith(prompt) and full.startswith(with_reply[:reply_end]) and len(prompt) >= done):
+            raise ValueError(_rewritten_history(i, messages, prompt, with_reply, full, done))
         segments.append((full[done:len(prompt)], False))
-        segments.append((with_reply[len(prompt):], True))
-        done = len(with_reply)
+        segments.append((with_reply[len(prompt):reply_end], True))
+        done = reply_end
     segments.append((full[done:], False))
     return [(text, trained) for text, trained in segments if text]
 
 
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _conversation_end_suffix(tokenizer: Any, with_reply: str, full: str) -> str:
+    """The text `with_reply` ends with that `full` does not continue with, if `full` ends with it
+    too: what the template writes only after the last message (Phi-3: eos_token); else ''.
+
+    The split is moved back to a token boundary of `with_reply`, so a marker is never cut in two
+    (Phi-3's "<|endoftext|>" and the "<|user|>" that follows in `full` share their "<|").
+    """
+    cut = _common_prefix(with_reply, full)
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None:
+        starts = [start for start, _ in backend.encode(with_reply, add_special_tokens=False).offsets]
+        cut = max((start for start in starts if start <= cut), default=0)
+    suffix = with_reply[cut:]
+    return suffix if suffix and full.endswith(suffix) else ""
+
+
+def _reply_kept(message: dict[str, Any], reply_text: str) -> bool:
+    """The reply's own text is still in what is left of it (the cut took only template text)."""
+    content = message.get("content")
+    return bool(reply_text) and (not isinstance(content, str) or content.strip() in reply_text)
+
+
+def _rewritten_history(i: int, messages: list[dict[str, Any]], prompt: str, with_reply: str, full: str,
+                       done: int) -> str:
+    """Why assistant turn i cannot be located, the likely cause, and what to do about it."""
+    if not with_reply.startswith(prompt):  # history + generation prompt vs history + reply
+        shorter, longer, what = prompt, with_reply, "the conversation up to this reply with a generation prompt"
+        opening = True
+    elif not full.startswith(with_reply):  # history + reply vs the whole conversation
+        shorter, longer, what = with_reply, full, "the conversation up to this reply"
+        opening = False
+    else:  # the prompt of this turn does not reach past the previous reply
+        shorter, longer, what = prompt, full[:done], "the prompt of this reply"
+        opening = False
+    at = _common_prefix(shorter, longer)
+    ours, theirs = shorter[at:], longer[at:at + len(shorter) - at]
+    system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
+    reasoning = [m[k] for m in messages[:i + 1] for k in ("reasoning_content", "thinking", "reasoning")
+                 if isinstance(m.get(k), str) and m[k].strip()]
+    markers = ("use a chat template with {% generation %} blocks around the assistant text (the loss mask then comes "
+               "from them, as transformers' return_assistant_tokens_mask)")
+    single = "make each example a single exchange (one assistant reply, no earlier assistant turns)"
+    if ("<think>" in ours and "<think>" not in theirs) or any(r in ours and r not in theirs for r in reasoning):
+        cause = ("the template drops the reasoning (<think>...</think>) of an assistant turn once a later user turn "
+                 "follows, as Qwen3's does")
+        remedy = f"{markers}, or {single}"
+    elif isinstance(system, str) and system.strip() and system in ours and system not in theirs:
+        cause = ("the template writes the system prompt into the last user turn, so it moves or vanishes when more "
+                 "turns follow, as Mistral's templates do")
+        remedy = f"{markers}, or merge the system prompt into the first user message yourself"
+    elif opening:
+        cause = ("the generation prompt is not how the template starts an assistant turn, or the template renders "
+                 "the last user turn differently once a reply follows")
+        remedy = markers
+    else:
+        cause = "the template rewrites earlier turns depending on what follows them"
+        remedy = f"{markers}, or {single}"
+    return (f"assistant turn {i}: the chat template renders {what} differently once later turns follow ({cause}): "
+            f"after {shorter[max(0, at - 30):at]!r} it continues {ours[:40]!r} there but {theirs[:40]!r} in the "
+            f"longer conversation, so the assistant text cannot be located; {remedy}")
+
+
+def _has_generation_markers(tokenizer: Any, template_vars: dict[str, Any]) -> bool:
+    check = getattr(tokenizer, "chat_template_has_generation", None)
+    return bool(check and check(tools=template_vars.get("tools"), chat_template=template_vars.get("chat_template")))
+
+
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, Any]], **template_vars: Any) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): labels equal the ids on assistant replies and -100 elsewhere."""
+    """(input_ids, labels): labels equal the ids on assistant replies and -100 elsewhere.
+
+    With `{% generation %}` blocks in the template: the ids encode the whole rendered text and
+    the trained tokens are transformers' `assistant_masks`; otherwise the render-difference
+    segments, encoded piece by piece (see the module docstring).
+    """
+    if _has_generation_markers(tokenizer, template_vars):
+        ids, mask = tokenizer.assistant_tokens_mask(messages, **template_vars)
+        return ids, [token if marked else IGNORE_INDEX for token, marked in zip(ids, mask)]
     ids: list[int] = []
     labels: list[int] = []
     for text, trained in assistant_segments(tokenizer, messages, **template_vars):

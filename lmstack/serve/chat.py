@@ -45,7 +45,8 @@ from lmstack.serve.protocol import (
     random_id,
 )
 
-_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "documents"}
+_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "documents",
+                             "continue_final_message"}
 
 
 def messages_as_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -95,19 +96,17 @@ def render_chat(state: Any, messages: list[ChatMessage], *, add_generation_promp
         raise bad_request(f"chat_template_kwargs may not set {clash}; use the request fields instead",
                           param="chat_template_kwargs")
     dicts = messages_as_dicts(messages)
+    if continue_final_message and (dicts[-1]["role"] != "assistant" or not dicts[-1]["content"].strip()):
+        raise bad_request("continue_final_message needs a final assistant message with content", param="messages")
     try:
+        # continue_final_message: the tokenizer cuts the text right after the final message, as transformers
         text = state.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt, tools=tools,
-                                                   chat_template=chat_template, **kwargs)
+                                                   chat_template=chat_template,
+                                                   continue_final_message=continue_final_message, **kwargs)
     except LmstackError as err:
         whose = "the request's chat_template" if chat_template is not None else "the chat template"
         raise bad_request(f"{whose} could not render these messages: {err}",
                           param="chat_template" if chat_template is not None else "messages") from None
-    if continue_final_message:  # as transformers: cut the rendered text right after the last message
-        final = dicts[-1]["content"].strip()
-        if dicts[-1]["role"] != "assistant" or not final or final not in text:
-            raise bad_request("continue_final_message needs a final assistant message with content",
-                              param="messages")
-        text = text[: text.rindex(final) + len(final)]
     return text
 
 

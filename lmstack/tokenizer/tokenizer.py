@@ -183,11 +183,6 @@ class Tokenizer:
         except Exception as err:
             raise TokenizerError(f"{path} is not a valid tokenizer.json ({err})") from None
         config: dict[str, Any] = {}
-        special_map = directory / "special_tokens_map.json"
-        if special_map.is_file():  # older transformers kept the special tokens here
-            special = {k: v for k, v in _read_json(special_map).items() if k.endswith("_token")}
-            check_special_tokens(special, special_map)
-            config.update(special)
         config_path = directory / "tokenizer_config.json"
         origins: dict[str | None, Path] = {}
         if config_path.is_file():
@@ -196,6 +191,14 @@ class Tokenizer:
             check_chat_template(file_config.get("chat_template"), config_path)
             config.update(file_config)
             origins = {name: config_path for name in _named_templates(file_config.get("chat_template"))}
+        special_map = directory / "special_tokens_map.json"
+        # As transformers (PreTrainedTokenizerBase._from_pretrained): a config without
+        # "added_tokens_decoder" is legacy, and special_tokens_map.json's tokens override its own;
+        # a config with one is current, and special_tokens_map.json is not read at all.
+        if special_map.is_file() and "added_tokens_decoder" not in config:
+            special = {k: v for k, v in _read_json(special_map).items() if k.endswith("_token")}
+            check_special_tokens(special, special_map)
+            config.update(special)
         # As transformers (PreTrainedTokenizerBase.from_pretrained): .jinja template files take
         # priority over tokenizer_config.json's "chat_template"; chat_template.json is only a fallback.
         template, template_origins = _read_chat_templates(directory, legacy="chat_template" not in config)
@@ -220,7 +223,8 @@ class Tokenizer:
 
         chat_template.jinja and additional_chat_templates/*.jinja already in `directory` are
         removed: transformers (and `load`) prefer them to tokenizer_config.json, so a stale one
-        would silently replace the template saved here.
+        would silently replace the template saved here. So is a special_tokens_map.json when the
+        saved config has no "added_tokens_decoder": its tokens would override the saved ones.
         """
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
@@ -238,7 +242,10 @@ class Tokenizer:
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
         (directory / "tokenizer_config.json").write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for stale in _jinja_template_files(directory):
+        stale_files = _jinja_template_files(directory)
+        if "added_tokens_decoder" not in config and (directory / "special_tokens_map.json").is_file():
+            stale_files.append(directory / "special_tokens_map.json")
+        for stale in stale_files:
             stale.unlink()
 
     @property
@@ -373,19 +380,61 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
                             tools: list[dict] | None = None, tokenize: bool = False,
-                            chat_template: str | None = None, **extra: Any) -> str | list[int]:
+                            chat_template: str | None = None, continue_final_message: bool | str = False,
+                            **extra: Any) -> str | list[int]:
         """Render `messages` with the model's template (ChatML when it has none), like transformers.
 
         The template sees `messages`, `tools`, `documents`, `add_generation_prompt`, every named
         special token (`bos_token`, `eos_token`, ...) and `extra` (which wins over the tokens).
         `tokenize=True` returns ids, encoded without adding special tokens (the template writes them).
+        `continue_final_message=True` ends the text right after the final message's content (no
+        end-of-turn marker), so the model continues that message; it is transformers' algorithm
+        (see `lmstack.tokenizer.chat`) and cannot be combined with `add_generation_prompt`.
         """
         template = self._compiled_template(tools, chat_template)
         variables = {**self.special_tokens_map, **extra}
         documents = variables.pop("documents", None)
         text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                               documents=documents, **variables)
+                               documents=documents, continue_final_message=continue_final_message, **variables)
         return self.encode(text) if tokenize else text
+
+    def chat_template_has_generation(self, tools: list[dict] | None = None, chat_template: str | None = None) -> bool:
+        """True when the template `apply_chat_template` would use has `{% generation %}` blocks."""
+        return self._compiled_template(tools, chat_template).has_generation_markers
+
+    def assistant_tokens_mask(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                              tools: list[dict] | None = None, chat_template: str | None = None,
+                              **extra: Any) -> tuple[list[int], list[int]]:
+        """(input_ids, assistant_masks) as transformers' `apply_chat_template(..., tokenize=True,
+        return_dict=True, return_assistant_tokens_mask=True)`.
+
+        The ids encode the whole rendered text; a mask entry is 1 for the tokens from the one
+        holding a `{% generation %}` block's first character to the one holding its last
+        (transformers' char_to_token walk). All 0 when the template has no generation blocks.
+        """
+        if extra.get("continue_final_message"):
+            raise TokenizerError("continue_final_message cannot be combined with an assistant tokens mask")
+        extra.pop("continue_final_message", None)
+        template = self._compiled_template(tools, chat_template)
+        variables = {**self.special_tokens_map, **extra}
+        documents = variables.pop("documents", None)
+        text, spans = template.render_with_generation_spans(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=documents, **variables)
+        _check_text(text)
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        mask = [0] * len(encoding.ids)
+        for start_char, end_char in spans:
+            if end_char <= 0:  # an empty block at the very start (transformers fails on char -1): nothing
+                continue
+            start = encoding.char_to_token(start_char)
+            end = encoding.char_to_token(end_char - 1)
+            if start is None:  # as transformers: a span past the last token ends the walk
+                break
+            # transformers runs to the end when the last character has no token (`if end_token`, which
+            # also reads token 0 as "none"; a block ending in the first token marks only that token here)
+            for i in range(start, len(mask) if end is None else end + 1):
+                mask[i] = 1
+        return encoding.ids, mask
 
     def __repr__(self) -> str:
         model = type(self.backend.model).__name__

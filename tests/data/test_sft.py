@@ -13,7 +13,7 @@ from lmstack.errors import DataError
 from lmstack.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tokenizer"))
-from chat_templates import LLAMA3, MISTRAL  # noqa: E402
+from chat_templates import LLAMA3, MISTRAL, MISTRAL_V3, PHI3, PHI3_TRAINING, QWEN3, QWEN3_TRAINING  # noqa: E402
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."},
                      {"role": "assistant", "content": "Seven."}, {"role": "user", "content": "Another?"},
@@ -81,6 +81,96 @@ def test_mask_matches_transformers_generation_mask(tmp_path):
         out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert ids == out["input_ids"]
         assert [int(lab != IGNORE_INDEX) for lab in labels] == out["assistant_masks"]
+
+
+PHI3_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>", "<think>", "</think>",
+                 "[INST]", "[/INST]"]
+
+
+def hf_pair(tmp_path, template, **tokens):
+    """(lmstack Tokenizer, transformers tokenizer) over one saved directory, chat markers as special tokens."""
+    from tokenizers import Tokenizer as Backend
+    from transformers import AutoTokenizer
+
+    base = trained_tokenizer()
+    backend = Backend.from_str(base.backend.to_str())
+    backend.add_special_tokens(PHI3_SPECIALS)
+    Tokenizer(backend, {**base.config, "chat_template": template, **tokens}).save(tmp_path)
+    return Tokenizer.load(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+
+
+REASONING_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "Four.", "reasoning_content": "Add them."},
+                  {"role": "user", "content": "And 3+3? 你好"},
+                  {"role": "assistant", "content": "<think>\nAdd again.\n</think>\n\nSix 🎉"}]
+
+
+@pytest.mark.parametrize("template,messages", [
+    (QWEN3_TRAINING, REASONING_CHAT),
+    (QWEN3_TRAINING, CHAT["messages"]),
+    (PHI3_TRAINING, CHAT["messages"]),
+    (PHI3_TRAINING, CHAT["messages"][:4]),  # ends with a user turn: the closing eos is not trained
+    ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+     "{{ m.content }}<|im_end|>{% endgeneration %}\n{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}",
+     CHAT["messages"]),  # the '\n' after <|im_end|> is outside the block: not trained
+], ids=["qwen3-training-reasoning", "qwen3-training", "phi3-training", "phi3-training-user-last", "chatml-gen"])
+def test_generation_blocks_give_transformers_mask(tmp_path, template, messages):
+    """With {% generation %} blocks the mask comes from them (not from render differences), and the ids
+    are the whole rendered text encoded at once: both equal transformers' output."""
+    tok, hf = hf_pair(tmp_path, template, eos_token="<|endoftext|>")
+    ids, labels = tokenize_chat(tok, messages)
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == out["input_ids"]
+    assert [int(lab != IGNORE_INDEX) for lab in labels] == out["assistant_masks"]
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels)) and any(out["assistant_masks"])
+
+
+REPEATED_REPLY = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello there."},
+                     {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Hello there."}]
+
+
+def test_phi3_multi_turn_trains_the_final_eos_on_the_last_reply(tmp_path):
+    """Phi-3 appends eos_token only at the end of a conversation. Earlier replies are trained up to their
+    <|end|>\\n, the last one also on the eos: the same mask as TRL's phi3_training template (Phi-3 with
+    {% generation %} blocks) gets from transformers."""
+    tok, _ = hf_pair(tmp_path / "phi3", PHI3, eos_token="<|endoftext|>")
+    training, hf_training = hf_pair(tmp_path / "phi3_training", PHI3_TRAINING, eos_token="<|endoftext|>")
+    for messages in (CHAT["messages"], CHAT["messages"][1:], CHAT["messages"][:4], REPEATED_REPLY):
+        ids, labels = tokenize_chat(tok, messages)
+        assert tok.decode(ids) == tok.apply_chat_template(messages)
+        out = hf_training.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=True)
+        assert ids == out["input_ids"]
+        assert [int(lab != IGNORE_INDEX) for lab in labels] == out["assistant_masks"]
+        assert (ids, labels) == tokenize_chat(training, messages)
+    ids, labels = tokenize_chat(tok, CHAT["messages"])
+    assert [tok.decode(run) for run in trained_runs(ids, labels)] == [
+        "Seven.<|end|>\n", "Eleven, 你好 🎉<|end|>\n<|endoftext|>"]
+    ids, labels = tokenize_chat(tok, CHAT["messages"][:4])  # ends with a user turn: its eos is context
+    assert [tok.decode(run) for run in trained_runs(ids, labels)] == ["Seven.<|end|>\n"]
+
+
+@pytest.mark.parametrize("template,messages,cause", [
+    (MISTRAL_V3, CHAT["messages"], "system prompt into the last user turn"),
+    (QWEN3, CHAT["messages"][1:], r"drops the reasoning \(<think>"),
+    (QWEN3, REASONING_CHAT, r"drops the reasoning \(<think>"),
+], ids=["mistral-v0.3-system", "qwen3", "qwen3-reasoning"])
+def test_rewritten_history_names_the_cause_and_the_way_out(tmp_path, template, messages, cause):
+    tok, _ = hf_pair(tmp_path, template, bos_token="<s>", eos_token="</s>")
+    with pytest.raises(ValueError, match=cause) as err:
+        tokenize_chat(tok, messages)
+    assert "{% generation %}" in str(err.value)
+    with pytest.raises(DataError, match=cause):
+        SFTDataset([{"messages": messages}], tok, seq_len=256)
+    # the ways out the message names work
+    single = [m for m in messages if m["role"] != "system"][:2]
+    if template is MISTRAL_V3:
+        single[0] = {"role": "user", "content": messages[0]["content"] + "\n\n" + single[0]["content"]}
+    assert any(lab != IGNORE_INDEX for lab in tokenize_chat(tok, single)[1])
+    trl = QWEN3_TRAINING if template is QWEN3 else None
+    if trl is not None:
+        tok, _ = hf_pair(tmp_path / "training", trl)
+        assert len(trained_runs(*tokenize_chat(tok, messages))) == 2
 
 
 def test_packed_rows_match_examples_run_alone():
