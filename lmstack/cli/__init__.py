@@ -42,7 +42,7 @@ def commands() -> dict:
 _TRUE_FALSE = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
-_PARSER_OPTIONS = {"help", "config", "print_config"}  # jsonargparse's own, on every command
+_PARSER_OPTIONS = {"help", "config", "print_config", "print_shtab"}  # jsonargparse's own
 
 
 def _command_path(words: list[str]) -> list[str]:
@@ -108,11 +108,18 @@ def normalize_flags(argv: list[str]) -> list[str]:
     params = _command_params(words)
     is_bool = {n for n, a in params.items() if a.replace(" ", "") in ("bool", "bool|None", "Optional[bool]")}
     is_list = {n for n, a in params.items() if a.startswith(("list", "List", "Sequence")) or "list[" in a}
-    names = [a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2]
+    takes_value = (set(params) - is_bool) | {"config"}
+    values = set()  # positions holding an option's value (`--prompt "--help me"`): passed through as they are
+    for i, arg in enumerate(argv[:-1]):
+        name, sep, _ = arg[2:].partition("=")
+        if arg.startswith("--") and not sep and i not in values and name.replace("-", "_").rstrip("+") in takes_value:
+            values.add(i + 1)
+    names = [a[2:].partition("=")[0].replace("-", "_") for i, a in enumerate(argv)
+             if a.startswith("--") and len(a) > 2 and i not in values]
     out: list[str] = []
     seen: set[str] = set()
     for i, arg in enumerate(argv):
-        if not (arg.startswith("--") and len(arg) > 2):
+        if i in values or not (arg.startswith("--") and len(arg) > 2):
             out.append(arg)
             continue
         name, sep, value = arg[2:].partition("=")

@@ -71,8 +71,8 @@ def _parsed_arguments(call: Any, where: str) -> Any:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
         return call
-    try:
-        arguments = json.loads(function["arguments"])
+    try:  # "" (a call without arguments, as some clients send it) is {}
+        arguments = json.loads(function["arguments"]) if function["arguments"].strip() else {}
     except json.JSONDecodeError as err:
         raise bad_request(f"{where}.function.arguments is not valid JSON ({err.msg} at character {err.pos}); send "
                           "the arguments as a JSON object string", param="messages") from None
@@ -118,8 +118,9 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
     # only tool_choice="none" is served (the tools reach the model through its chat template and
     # the reply is text); "auto" (the default when tools are given) would return a model's call as
     # plain content, which clients read as "no tool called".
+    # Without tools there is nothing to call, so "auto" (which some clients always send) is harmless.
     choice = req.tool_choice if req.tool_choice is not None or not req.tools else "auto"
-    if choice is not None and choice != "none":
+    if choice is not None and choice != "none" and not (choice == "auto" and not req.tools):
         raise bad_request(f"tool_choice {short(choice)} is not supported: this server does not parse tool calls out "
                           "of the reply (no tool_calls are returned); pass tool_choice='none' to show the tools to "
                           "the model through its chat template and get its reply as text", param="tool_choice",

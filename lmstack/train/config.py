@@ -222,16 +222,15 @@ class TrainConfig:
                               f"never reached; decay_steps must be >= warmup_steps ({warmup}) or unset (max_steps)")
         if steps <= SMOKE_RUN_STEPS:
             return
-        default = " (the default)" if warmup == TrainConfig.warmup_steps else ""
         if warmup >= steps:
             raise ConfigError(
-                f"warmup_steps={warmup}{default} is not below max_steps={steps}: the whole run would be warmup and "
+                f"warmup_steps={warmup} is not below max_steps={steps}: the whole run would be warmup and "
                 f"the learning rate would never reach lr={self.lr:g} (nor decay); pass --warmup_steps "
                 f"{max(1, steps // 10)} (10% of max_steps) or any value below {steps}, or raise --max_steps above {warmup}")
         decay = self.wsd_decay_steps()
         if self.schedule == "wsd" and decay > steps - warmup:  # only the default decay gets here
             raise ConfigError(
-                f"schedule wsd with max_steps={steps}, warmup_steps={warmup}{default}: the default decay_steps "
+                f"schedule wsd with max_steps={steps}, warmup_steps={warmup}: the default decay_steps "
                 f"({decay}, 20% of max_steps) would start at step {steps - decay}, inside the warmup, so lr is never "
                 f"reached; pass --decay_steps 1..{steps - warmup} (max_steps - warmup_steps), lower --warmup_steps to "
                 f"{steps - decay} or less, or raise --max_steps to {self._wsd_min_steps()} or more")

@@ -113,8 +113,9 @@ class RunLogger:
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Train and validation loss against step as a PNG (None when there is nothing to plot)."""
-    # a skipped step's record holds "loss": null
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
+    # a skipped step's record holds "loss": null, or the finite loss of a step skipped for its gradient norm
+    train = [(r["step"], r["loss"]) for r in records
+             if r.get("loss") is not None and math.isfinite(r["loss"]) and not r.get("skipped")]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
         return None

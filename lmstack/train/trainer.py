@@ -298,7 +298,8 @@ class Trainer:
     def settle(self, keep: int = 0) -> float:
         """Read back all but the newest `keep` queued steps, counting those skipped for a non-finite
         loss or gradient norm (and stopping after max_nonfinite_steps in a row); returns the last loss
-        read (nan if none; a step skipped for its gradient norm returns its finite loss).
+        read (nan if none, or if that step was skipped: its loss is in its own "skipped" record, and the
+        train loss reported for the step must be that of an update that happened).
 
         In `fit` the stop comes one step after the streak's last bad step: that next step has
         already run (and, if it was finite, updated the weights in memory); nothing is saved in
@@ -318,6 +319,7 @@ class Trainer:
                               "lr": pending.lr})
             else:
                 self._skipped(pending.step, loss, pending.grad_norm(), pending.lr)
+                loss = math.nan
         return loss
 
     def accumulate_gradients(self, batches: list[Batch]) -> torch.Tensor:
@@ -559,7 +561,7 @@ class Trainer:
     def summary(self, model_dir: Path) -> dict[str, Any]:
         c = self.config
         records = read_metrics(self.out_dir / "metrics.jsonl") if self.dist.is_main else []
-        losses = [r["loss"] for r in records if r.get("loss") is not None]
+        losses = [r["loss"] for r in records if r.get("loss") is not None and not r.get("skipped")]
         speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
         out: dict[str, Any] = {
             "model": c.model, "task": c.task, "parameters": f"{self.num_parameters / 1e6:.2f}M",

@@ -52,3 +52,12 @@ def test_a_wrong_key_in_a_config_file_is_named(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("input: [corpus/]\nout: runs/data\n")
     assert normalize_flags(["data", "prepare", f"--config={good}"]) == ["data", "prepare", f"--config={good}"]
+
+
+def test_a_value_that_starts_with_dashes_is_passed_through():
+    """`--prompt "--help me"` is the prompt, not an option (argparse takes it as the value too)."""
+    argv = ["generate", "m", "--prompt", "--help me please", "--max-new-tokens", "3"]
+    assert normalize_flags(argv) == ["generate", "m", "--prompt", "--help me please", "--max_new_tokens", "3"]
+    assert normalize_flags(["chat", "m", "--system", "--- title: x"]) == ["chat", "m", "--system", "--- title: x"]
+    assert normalize_flags(["generate", "m", "--stream", "--prompt", "x"]) == \
+        ["generate", "m", "--stream", "true", "--prompt", "x"]  # a bare boolean still takes no value

@@ -33,6 +33,9 @@ def test_tools_reach_the_template_with_tool_choice_none(http):
                                                 "max_tokens": 2})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"].get("tool_calls") is None
+    for extra in ({"tool_choice": "auto"}, {"tools": [], "tool_choice": "auto"}, {"tools": []}):  # nothing to call
+        r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, **extra})
+        assert r.status_code == 200, (extra, r.text)
 
 
 @pytest.mark.parametrize("path,body,param,message", [

@@ -367,6 +367,8 @@ def test_tool_call_arguments_sent_as_json_strings_reach_the_template_as_objects(
     assert call["function"]["arguments"] == '{"city": "Paris"}'  # the request itself is not changed
     shown = jinja2.Template("{{ (m.tool_calls[0].function.arguments) | tojson }}").render(m=dicts[1])
     assert shown == '{"city": "Paris"}'
+    empty = ChatMessage(role="assistant", tool_calls=[{"function": {"name": "now", "arguments": ""}}])
+    assert messages_as_dicts([empty])[0]["tool_calls"][0]["function"]["arguments"] == {}
     bad = ChatMessage(role="assistant", tool_calls=[{"function": {"name": "f", "arguments": "{city: Paris"}}])
     with pytest.raises(APIError, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not valid JSON"):
         messages_as_dicts([messages[0], bad])

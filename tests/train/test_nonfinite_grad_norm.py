@@ -52,7 +52,7 @@ def test_a_nonfinite_gradient_norm_skips_the_step(tmp_path, capsys, on_device, g
     poison["on"] = True
     loss = trainer.train_step()
     poison["on"] = False
-    assert math.isfinite(loss)  # the loss was fine: only the gradient was not
+    assert math.isnan(loss)  # train_step returns nan for a skipped step; the warning holds its finite loss
     assert not math.isfinite(float(trainer.grad_norm))
     assert trainer.nonfinite_in_a_row == 1 and trainer.step == 2
     # weights, AdamW's moments and its step count did not move; no NaN gradient is left behind
@@ -129,3 +129,22 @@ def test_fp16_overflow_is_the_scalers_calibration_until_the_scale_reaches_one(tm
     trainer.train_step()
     assert trainer.nonfinite_in_a_row == 0
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+
+def test_a_skipped_last_step_is_not_the_final_train_loss(tmp_path):
+    """A step skipped for its gradient norm logs its (finite) loss, but the run's summary and plot
+    report the losses of updates that happened."""
+    trainer = toy_trainer(tmp_path, max_steps=4, log_every=1)
+    poison = poison_gradient(trainer)
+    launch = trainer.launch_step
+
+    def launch_poisoned_last():
+        poison["on"] = trainer.step == 3  # the step numbered 4, the last
+        launch()
+
+    trainer.launch_step = launch_poisoned_last
+    summary = trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = {r["step"]: r["loss"] for r in records if r.get("loss") is not None and not r.get("skipped")}
+    assert [r["step"] for r in records if r.get("skipped")] == [4]
+    assert summary["final train loss"] == trained[3]

@@ -74,14 +74,14 @@ def test_decay_steps_that_never_reach_lr_are_refused(schedule, decay_steps, mess
 
 @pytest.mark.parametrize("settings, message", [
     # the default warmup (100 steps) in a 50-step run: all warmup, lr never reached, no decay
-    (dict(max_steps=50), r"warmup_steps=100 \(the default\) is not below max_steps=50: the whole run would be warmup "
+    (dict(max_steps=50), r"warmup_steps=100 is not below max_steps=50: the whole run would be warmup "
                          r"and the learning rate would never reach lr=0\.001 .*pass --warmup_steps 5 .* or raise "
                          r"--max_steps above 100"),
-    (dict(max_steps=50, schedule="wsd"), r"warmup_steps=100 \(the default\) is not below max_steps=50"),
+    (dict(max_steps=50, schedule="wsd"), r"warmup_steps=100 is not below max_steps=50"),
     (dict(max_steps=30, warmup_steps=30, schedule="constant"), r"warmup_steps=30 is not below max_steps=30"),
     # WSD's default decay (20% = 22 steps) would start at step 88, inside the 100-step warmup: lr
     # climbed to 9.9e-4 and then dropped to 4.7e-4 in one step
-    (dict(max_steps=110, schedule="wsd"), r"schedule wsd with max_steps=110, warmup_steps=100 \(the default\): the "
+    (dict(max_steps=110, schedule="wsd"), r"schedule wsd with max_steps=110, warmup_steps=100: the "
                                           r"default decay_steps \(22, 20% of max_steps\) would start at step 88, inside "
                                           r"the warmup.*--decay_steps 1\.\.10 .*--warmup_steps to 88 or less.*"
                                           r"--max_steps to 125 or more"),
