@@ -65,6 +65,11 @@ class CleanConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
             raise ConfigError(f"--near-dedup-threshold {value!r} must be a Jaccard similarity in (0, 1], "
                               "e.g. 0.8")
+        if self.near_dedup:
+            if self.num_perm < 2:
+                raise ConfigError(f"CleanConfig.num_perm={self.num_perm} is too few for near-dedup: MinHash LSH "
+                                  "needs at least 2 permutations (default 128)")
+            lsh_params(value, self.num_perm)  # what MinHashLSH will be built with; cheap (~20 ms)
 
     def filter_names(self) -> list[str]:
         return ["min_chars", "max_chars", "non_alnum_ratio", "repeated_line_ratio"]
@@ -214,6 +219,31 @@ def is_empty_signature(signature: np.ndarray) -> bool:
     return bool(np.all(signature == np.uint32(0xFFFFFFFF)))
 
 
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) for MinHashLSH at `threshold`: datasketch's own choice when it can build it.
+
+    datasketch picks the (b, r) that minimises false positives + false negatives, and for
+    thresholds near 1 (0.99 and above at 128 permutations) that is a single band, which its
+    MinHashLSH refuses ("b < 2"). Then we take the best (b, r) with at least 2 bands, by the same
+    measure. LSH only proposes candidates and the decision is the signatures' agreement against
+    the threshold; at 128 permutations thresholds >= 0.99 get (2, 64), and agreement >= 0.99
+    leaves at most one differing value, so one band is equal and no duplicate is missed.
+    Thresholds datasketch can build keep exactly its parameters (and so the same output).
+    """
+    from datasketch.lsh import _false_negative_probability, _false_positive_probability, _optimal_param
+
+    b, r = _optimal_param(threshold, num_perm, 0.5, 0.5)
+    if b >= 2:
+        return b, r
+    best, error = (2, num_perm // 2), float("inf")
+    for b in range(2, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            e = 0.5 * _false_positive_probability(threshold, b, r) + 0.5 * _false_negative_probability(threshold, b, r)
+            if e < error:
+                best, error = (b, r), e
+    return best
+
+
 class Deduplicator:
     """Exact (hash set) and near (MinHash LSH) duplicate detection, first occurrence kept.
 
@@ -231,7 +261,8 @@ class Deduplicator:
         if config.near_dedup:
             from datasketch import MinHashLSH
 
-            self.lsh = MinHashLSH(threshold=config.near_dedup_threshold, num_perm=config.num_perm)
+            self.lsh = MinHashLSH(num_perm=config.num_perm,
+                                  params=lsh_params(config.near_dedup_threshold, config.num_perm))
 
     def is_exact_duplicate(self, digest: bytes) -> bool:
         if not self.config.dedup:

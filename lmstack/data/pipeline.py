@@ -132,7 +132,8 @@ def run_fingerprint(resolved: list[tuple[str, list[InputFile]]], tokenizer: Toke
 
     The EOS id joins the tokenizer's fingerprint (which covers tokenizer.json only): it is set in
     tokenizer_config.json and ends every document, so an edit between runs must not mix two."""
-    inputs = [[spec, [[f.path, f.size, os.stat(f.path).st_mtime_ns] for f in files]] for spec, files in resolved]
+    inputs = [[spec, [[f.path, f.size, (os.lstat if f.kind == "broken_link" else os.stat)(f.path).st_mtime_ns]
+                      for f in files]] for spec, files in resolved]
     data = {"version": FORMAT_VERSION, "inputs": inputs, "tokenizer": tokenizer.fingerprint,
             "eos_id": tokenizer.eos_token_id,
             "options": output_options(config), "item_bytes": config.item_bytes}
@@ -270,6 +271,12 @@ class _Run:
     def finish(self) -> dict[str, Any]:
         for writer in self.writers.values():
             writer.finish()
+        if self.writers["train"].tokens == 0 and self.writers["val"].documents:
+            raise DataError(
+                f"the train split is empty: all {self.writers['val'].documents} documents kept after cleaning "
+                f"went to the validation split (--val-fraction {self.config.val_fraction} of "
+                f"{self.stats.kept_documents} documents); lower --val-fraction (0 keeps every document for "
+                "training) or add more data")
         if self.writers["train"].tokens == 0:
             s = self.stats
             raise DataError(
@@ -411,9 +418,11 @@ def prepare(config: PrepareConfig) -> PrepareReport:
         items = plan_items(resolved, config)
         fingerprint = run_fingerprint(resolved, tokenizer, config)
         out = Path(config.out)
+        # Everything that can fail on the options is built before OUT is touched: with --overwrite,
+        # _prepare_out_dir deletes the previous dataset.
+        run = _Run(config, tokenizer, resolved, fingerprint)
         out.mkdir(parents=True, exist_ok=True)
         state = _prepare_out_dir(out, config, fingerprint)
-        run = _Run(config, tokenizer, resolved, fingerprint)
         if state is not None:
             run.restore(state)
         else:  # mark OUT as this run's before the first shard, so a crash leaves a resumable directory

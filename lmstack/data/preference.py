@@ -33,7 +33,7 @@ def _split_conversation(messages: Any, name: str) -> tuple[list[dict], dict]:
         raise ValueError(f"field {name!r} must be a string or a non-empty list of messages")
     if not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
         raise ValueError(f"the last message of {name!r} must be the assistant's response")
-    check_messages(messages)
+    _check_named(messages, name)
     return messages[:-1], messages[-1]
 
 
@@ -41,9 +41,23 @@ def _response(value: Any, name: str) -> dict | str:
     if isinstance(value, str):
         return {"role": "assistant", "content": value}
     if isinstance(value, dict):
+        if value.get("role") != "assistant":
+            raise ValueError(f"field {name!r} is a message with role {value.get('role')!r}; a response must be "
+                             "the assistant's ('role': 'assistant')")
+        _check_named([value], name)
         return value
     _, reply = _split_conversation(value, name)
     return reply
+
+
+def _check_named(messages: list[Any], name: str) -> None:
+    """SFT's message checks (role, string content) with errors that name the field."""
+    try:
+        check_messages(messages)
+    except ValueError as err:
+        if str(err).startswith("the conversation has no assistant message"):
+            return  # a prompt has none; the response is checked on its own
+        raise ValueError(f"field {name!r}: {err}") from None
 
 
 def tokenize_preference(tokenizer: Any, record: Any) -> PreferenceExample:
@@ -67,6 +81,7 @@ def tokenize_preference(tokenizer: Any, record: Any) -> PreferenceExample:
         history = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not isinstance(history, list) or not history:
             raise ValueError("field 'prompt' must be a string or a non-empty list of messages")
+        _check_named(history, "prompt")
         chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
     prompt_text = tokenizer.apply_chat_template(history, add_generation_prompt=True)
     replies = []
@@ -82,7 +97,7 @@ def tokenize_preference(tokenizer: Any, record: Any) -> PreferenceExample:
 class PreferenceStats:
     examples: int = 0
     skipped_bad: int = 0
-    truncated: int = 0
+    truncated: int = 0  # pairs with either response (or the prompt) cut to max_length
     bad_examples: list[str] = field(default_factory=list)
 
 
@@ -141,11 +156,13 @@ class PreferenceDataset:
         digest = hashlib.sha256()
         for ex in self.examples:
             pair = []
+            truncated = False
             for response in (ex.chosen_ids, ex.rejected_ids):
                 prompt, reply, cut = _fit(ex.prompt_ids, response, max_length)
-                self.stats.truncated += cut
+                truncated = truncated or cut
                 pair.append((prompt + reply, [IGNORE_INDEX] * len(prompt) + reply))
                 digest.update(np.array(pair[-1][0], np.int64).tobytes())
+            self.stats.truncated += truncated  # pairs, as examples counts pairs
             self.rows.append(pair)
         self.fingerprint = digest.hexdigest()
         self.epoch, self.step = 0, 0

@@ -67,7 +67,7 @@ def read_json_records(path: str | Path) -> Iterable[tuple[int, Any | BadRecord]]
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass a .jsonl (or .json list) file of records")
     raw = path.read_bytes()
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:

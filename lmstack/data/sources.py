@@ -26,7 +26,7 @@ PARQUET_SUFFIXES = (".parquet",)
 @dataclass(frozen=True)
 class InputFile:
     path: str
-    kind: str  # "text" | "jsonl" | "parquet"
+    kind: str  # "text" | "jsonl" | "parquet" | "broken_link" (a symlink to nothing: a bad record)
     size: int  # bytes
 
 
@@ -104,13 +104,12 @@ def _expand(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if any(c in spec for c in "*?["):
         matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
-        files = sorted(p for p in matches if p.is_file())
+        files = sorted(p for p in matches if p.is_file() or _is_broken_link(p))
         if not files:
             raise DataError(f"--input {spec!r} matches no files")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts))
+        files = _walk_folder(path)
         if not files:
             raise DataError(f"--input folder {spec} has no files")
         return files
@@ -118,6 +117,46 @@ def _expand(spec: str) -> list[Path]:
         return [path]
     raise DataError(f"--input {spec!r} is not a file, folder, glob or built-in corpus "
                     f"({', '.join(BUILTIN_CORPORA)})")
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _walk_folder(root: Path) -> list[Path]:
+    """Every non-hidden file under `root`, sorted, following symbolic links to folders.
+
+    Path.rglob does not follow linked folders (Python < 3.13), so a corpus assembled from links
+    silently lost whole folders while the equivalent glob (`root/**/*`) read them. Each real
+    folder is read once (by resolved path), which also stops link cycles. Broken links are
+    kept: reading one is a bad record that names it, never a silent drop.
+    """
+    seen = {os.path.realpath(root)}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in seen:
+                continue
+            seen.add(real)
+            keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            candidate = Path(dirpath) / name
+            if candidate.is_file() or _is_broken_link(candidate):
+                files.append(candidate)
+    return sorted(files)
+
+
+def _input_file(path: Path) -> InputFile:
+    if _is_broken_link(path):
+        return InputFile(str(path), "broken_link", 0)
+    return InputFile(str(path), file_kind(path), path.stat().st_size)
 
 
 def _is_under(path: Path, folder: Path) -> bool:
@@ -150,7 +189,7 @@ def resolve_inputs(specs: list[str] | str, exclude: str | Path | None = None) ->
                 raise DataError(f"--input {spec} names only files inside --out {exclude}, which are this "
                                 "command's own output; give an --input outside --out, or another --out")
             paths = kept
-        files = [InputFile(str(p), file_kind(p), p.stat().st_size) for p in paths]
+        files = [_input_file(p) for p in paths]
         out.append((str(spec), files))
     return out
 
@@ -175,6 +214,9 @@ def plan_spans(files: list[InputFile], text_piece_bytes: int = 1 << 16, jsonl_sp
     several documents (so one big file still gives a validation split); jsonl/parquet spans
     just bound the work per worker task."""
     for f in files:
+        if f.kind == "broken_link":
+            yield Span(f.path, f.kind, 0, 0, 1)
+            continue
         if f.kind == "parquet":
             rows = parquet_num_rows(f.path)
             for start in range(0, rows, parquet_rows):
@@ -204,12 +246,40 @@ def parquet_num_rows(path: str) -> int:
         raise DataError(f"{path} is not a readable parquet file ({err})") from None
 
 
+COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip", "gunzip"), (b"\x28\xb5\x2f\xfd", "zstd", "zstd -d"),
+                    (b"BZh", "bzip2", "bunzip2"), (b"\xfd7zXZ\x00", "xz", "unxz"))
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def compressed_format(path: str) -> tuple[str, str] | None:
+    """(format, command to decompress) when the file starts with a gzip/zstd/bzip2/xz header."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError:
+        return None
+    for magic, name, command in COMPRESSED_MAGIC:
+        if head.startswith(magic):
+            return name, command
+    return None
+
+
 def _decode(raw: bytes, path: str, line: int) -> str | BadRecord:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         bad_line = line + raw[:err.start].count(b"\n")
-        return BadRecord(path, bad_line, f"undecodable bytes {raw[err.start:err.start + 4]!r} (not UTF-8)")
+        reason = f"undecodable bytes {raw[err.start:err.start + 4]!r} (not UTF-8)"
+        compressed = compressed_format(path)
+        if compressed is not None:
+            reason += (f"; the file looks {compressed[0]}-compressed: decompress it first "
+                       f"({compressed[1]} {path}) and pass the result as --input")
+        return BadRecord(path, bad_line, reason)
+
+
+def _last_line(raw: bytes, line: int) -> int:
+    """The line number of the last line in `raw`, which starts at `line`."""
+    return line + raw.count(b"\n") - (1 if raw.endswith(b"\n") else 0)
 
 
 def _read_bytes(span: Span) -> bytes:
@@ -222,14 +292,26 @@ def read_span(span: Span, text_field: str = "text") -> tuple[list[Document], lis
     """Documents, bad records and the raw bytes (for the input checksum) of one span."""
     if span.kind == "parquet":
         return _read_parquet(span, text_field)
+    if span.kind == "broken_link":
+        target = os.readlink(span.path) if os.path.islink(span.path) else "?"
+        return [], [BadRecord(span.path, 1, f"broken symbolic link (its target {target} does not exist: "
+                                            "repair or remove the link)")], b""
     raw = _read_bytes(span)
+    # A UTF-8 byte order mark opens some files (Windows editors); like Python's utf-8-sig it is
+    # not text. It is still part of the raw bytes (and so of the input checksum).
+    body = raw[len(UTF8_BOM):] if span.start == 0 and raw.startswith(UTF8_BOM) else raw
     if span.kind == "text":
-        text = _decode(raw, span.path, span.line)
+        text = _decode(body, span.path, span.line)
         if isinstance(text, BadRecord):
+            # The whole piece is skipped, never a piece with a hole cut into it; say how much.
+            last = _last_line(raw, span.line)
+            lines = f"line {span.line}" if last == span.line else f"lines {span.line}-{last}"
+            text = BadRecord(text.path, text.line, f"{text.reason}; the whole text piece holding it, "
+                                                   f"{lines} ({len(raw):,} bytes), is skipped")
             return [], [text], raw
         return [Document(text, span.path, span.line)], [], raw
     docs, bad = [], []
-    for i, line_bytes in enumerate(raw.split(b"\n")):
+    for i, line_bytes in enumerate(body.split(b"\n")):
         line = span.line + i
         if not line_bytes.strip():
             continue

@@ -66,7 +66,7 @@ def test_truncation_keeps_prompt_end_and_response_start():
     long = {"prompt": "word " * 200 + "END", "chosen": " yes", "rejected": " no"}
     ds = PreferenceDataset([long], tok, max_length=32)
     batch = ds.next_batch(1)
-    assert batch["chosen_input_ids"].shape[1] <= 32 and ds.stats.truncated == 2
+    assert batch["chosen_input_ids"].shape[1] <= 32 and ds.stats.truncated == 1  # pairs, not responses
     text = tok.decode(batch["chosen_input_ids"][0].tolist())
     assert text.endswith("END yes<|eos|>")
 
