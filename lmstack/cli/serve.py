@@ -34,6 +34,9 @@ def serve(
     max_n: int = 16,
     max_prompts: int = 64,
     max_body_bytes: int = 8 * 1024 * 1024,
+    body_timeout: float = 30.0,
+    max_connections: int = 1024,
+    max_stop_chars: int = 1000,
     request_timeout: float = 600.0,
     safety_config: str | None = None,
     shutdown_timeout: float = 30.0,
@@ -64,6 +67,9 @@ def serve(
         max_n: Largest `n` (samples per prompt) a request may ask for.
         max_prompts: Most prompts (or embedding inputs) in one request.
         max_body_bytes: Largest request body; larger ones get 413.
+        body_timeout: Seconds a request's body may take to arrive in full; a slower one gets 408.
+        max_connections: Most open connections (and running requests) at once; beyond it new ones get 503 at once.
+        max_stop_chars: Most characters in one stop string; longer ones get 400.
         request_timeout: Seconds a request may take from arrival to its last token (504 after).
         safety_config: YAML/JSON file of blocked patterns by category (see docs/serving.md); off by default.
         shutdown_timeout: Seconds in-flight requests get to finish after SIGTERM before they are aborted.
@@ -108,7 +114,9 @@ def serve(
     config = ServeConfig(
         model_names=names, model_root=model, api_keys=keys,
         limits=ServeLimits(max_waiting=max_waiting, max_n=max_n, max_prompts=max_prompts,
-                           max_body_bytes=max_body_bytes, request_timeout=request_timeout),
+                           max_body_bytes=max_body_bytes, body_timeout=body_timeout,
+                           max_connections=max_connections, max_stop_chars=max_stop_chars,
+                           request_timeout=request_timeout),
         safety=safety, chat_page=chat_page, trust_request_chat_template=trust_request_chat_template)
 
     def load():

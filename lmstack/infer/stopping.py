@@ -9,6 +9,7 @@ streaming CLI, `generate` and the engine all use this one class, so they agree o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from lmstack.infer.outputs import CompletionOutput
 from lmstack.infer.params import SamplingParams
@@ -33,6 +34,9 @@ class SequenceState:
 
             self._stream = StreamDecoder(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self._held = ""  # visible text not emitted yet: it may be the start of a stop string
+        # per stop string: the longest tail of the text so far that is a proper prefix of it (KMP state),
+        # advanced by each delta only, so a token costs O(len(delta)) per stop string, not O(len(held)^2)
+        self._matchers = [_StopMatcher(s) for s in self.stop_strings] if self.stop_strings else []
 
     @property
     def finished(self) -> bool:
@@ -89,16 +93,65 @@ class SequenceState:
             return self._emit(keep, held="")
         if final:
             return self._emit(buffer, held="")
-        hold = _longest_stop_prefix_suffix(buffer, self.stop_strings)
+        hold = max((m.feed(delta) for m in self._matchers), default=0)
         return self._emit(buffer[: len(buffer) - hold], held=buffer[len(buffer) - hold:])
 
 
+@lru_cache(maxsize=256)
+def _prefix_function(stop: str) -> tuple[int, ...]:
+    """KMP's prefix function: pi[i] is the length of the longest proper prefix of stop[:i + 1] that is
+    also a suffix of it. O(len(stop))."""
+    pi = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        c = stop[i]
+        while k and stop[k] != c:
+            k = pi[k - 1]
+        if stop[k] == c:
+            k += 1
+        pi[i] = k
+    return tuple(pi)
+
+
+def _advance(stop: str, pi: Sequence[int], state: int, text: str) -> int:
+    """KMP automaton: from `state` (a matched prefix length < len(stop)) over `text`; returns the length of
+    the longest tail of what was read that is a proper prefix of `stop` (a full match falls back to its
+    longest proper border). Amortized O(len(text)) over a sequence of calls."""
+    last = len(stop)
+    for c in text:
+        while state and stop[state] != c:
+            state = pi[state - 1]
+        if stop[state] == c:
+            state += 1
+            if state == last:
+                state = pi[state - 1]
+    return state
+
+
+class _StopMatcher:
+    """The KMP state of one stop string over a growing text."""
+
+    __slots__ = ("stop", "pi", "state")
+
+    def __init__(self, stop: str):
+        self.stop, self.pi, self.state = stop, _prefix_function(stop), 0
+
+    def feed(self, text: str) -> int:
+        if text:
+            self.state = _advance(self.stop, self.pi, self.state, text)
+        return self.state
+
+
 def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    """Length of the longest tail of `text` that is a proper prefix of some stop string.
+
+    Linear time: for each stop, the KMP automaton over the last len(stop) - 1 characters of `text`
+    (a proper prefix is no longer than that). `SequenceState` keeps the automaton's state between
+    tokens instead, so it reads only each new delta.
+    """
     best = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
+        if len(stop) > 1:
+            tail = text[max(0, len(text) - (len(stop) - 1)):]
+            best = max(best, _advance(stop, _prefix_function(stop), 0, tail))
     return best

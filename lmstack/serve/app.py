@@ -24,7 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.serve.admission import AdmissionController, BodySizeLimit, ServeLimits, Ticket
-from lmstack.serve.auth import APIKeyAuth
+from lmstack.serve.auth import APIKeyAuth, APIKeyGate
 from lmstack.serve.chat import create_chat_completion, render_chat_async
 from lmstack.serve.completions import create_completion
 from lmstack.serve.engine_client import EngineClient
@@ -144,7 +144,7 @@ def _auth_dependency(auth: APIKeyAuth) -> Callable:
     return check
 
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 429, 503)}
 
 
 def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | None = None,
@@ -187,9 +187,11 @@ def create_app(engine: Any = None, tokenizer: Any = None, config: ServeConfig | 
                   description="OpenAI-compatible API over the lmstack engine.")
     app.state.lmstack = state
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
+    auth = APIKeyAuth(config.api_keys)
+    app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes, timeout=config.limits.body_timeout)
+    app.add_middleware(APIKeyGate, auth=auth)  # added last: runs first, before the body is read
 
-    api = APIRouter(dependencies=[Depends(_auth_dependency(APIKeyAuth(config.api_keys)))], responses=_ERRORS)
+    api = APIRouter(dependencies=[Depends(_auth_dependency(auth))], responses=_ERRORS)
 
     @api.post("/v1/completions", response_model=CompletionResponse, summary="Create a completion")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -105,7 +105,7 @@ def resolve_max_tokens(state: Any, num_prompt_tokens: int, requested: int | None
     if requested is None:
         return room
     if requested > room:
-        raise bad_request(f"{param}={requested} is beyond the context: the prompt has {num_prompt_tokens} tokens and "
+        raise bad_request(f"{param}={short(requested)} is beyond the context: the prompt has {num_prompt_tokens} tokens and "
                           f"max_model_len is {state.engine.max_model_len}, so {param} can be at most {room}",
                           param=param, code="context_length_exceeded")
     return requested
@@ -139,6 +139,12 @@ def _stop(state: Any, stop: str | list[str] | None) -> list[str] | None:
                           param="stop")
     if any(s == "" for s in stops):
         raise bad_request("stop strings must not be empty", param="stop")
+    longest = state.config.limits.max_stop_chars
+    for i, s in enumerate(stops):
+        if len(s) > longest:
+            where = "stop" if isinstance(stop, str) else f"stop[{i}]"
+            raise bad_request(f"{where} has {len(s)} characters; this server allows at most {longest} characters "
+                              "per stop string", param="stop")
     return stops or None
 
 
@@ -147,12 +153,12 @@ def sampling_params(state: Any, req: Any, max_tokens: int, *, logprobs: int | No
     """The engine's options for an OpenAI request (completions or chat)."""
     limits = state.config.limits
     if req.n > limits.max_n:
-        raise bad_request(f"n={req.n} is above this server's limit of {limits.max_n} samples per prompt", param="n")
+        raise bad_request(f"n={short(req.n)} is above this server's limit of {limits.max_n} samples per prompt", param="n")
     if req.min_tokens > max_tokens:
-        raise bad_request(f"min_tokens={req.min_tokens} is larger than max_tokens={max_tokens}", param="min_tokens")
+        raise bad_request(f"min_tokens={short(req.min_tokens)} is larger than max_tokens={max_tokens}", param="min_tokens")
     for tid in req.stop_token_ids or []:
         if tid >= state.engine.vocab_size:
-            raise bad_request(f"stop_token_ids entry {tid} is outside the vocabulary [0, {state.engine.vocab_size})",
+            raise bad_request(f"stop_token_ids entry {short(tid)} is outside the vocabulary [0, {state.engine.vocab_size})",
                               param="stop_token_ids")
     params = SamplingParams(
         n=req.n,

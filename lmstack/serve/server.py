@@ -62,9 +62,15 @@ def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, shutdown_ti
     if host not in LOOPBACK and not state.config.api_keys:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model; "
                     "pass --api-key or set LMSTACK_API_KEY", host)
+    limits = state.config.limits
+    # limit_concurrency: beyond `max_connections` open connections (or running requests) uvicorn answers
+    # 503 at once instead of holding and buffering more; h11_max_incomplete_event_size bounds the request
+    # line and headers (h11's own default, 16 KiB, made explicit); timeout_keep_alive closes idle
+    # keep-alive connections after 5 s. Bodies have their own deadline (`--body-timeout`, BodySizeLimit).
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout,
                             log_level=log_level, lifespan="on", access_log=log_level == "debug",
-                            timeout_keep_alive=5)
+                            timeout_keep_alive=5, limit_concurrency=limits.max_connections,
+                            h11_max_incomplete_event_size=16 * 1024)
     return LmstackServer(config, state)
 
 
