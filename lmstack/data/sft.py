@@ -67,6 +67,7 @@ def read_json_records(path: str | Path) -> Iterable[tuple[int, Any | BadRecord]]
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass a .jsonl (or .json list) file of records")
     raw = path.read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 BOM (Windows editors) is no record text
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(raw.decode("utf-8"))

@@ -258,3 +258,14 @@ def test_truncation_and_bad_records_are_counted(tmp_path):
     assert "bad.jsonl:4: malformed JSON" in ds.stats.bad_examples[2]
     with pytest.raises(DataError, match="records:1: chat template refused these messages: .*must alternate"):
         SFTDataset([CHAT], with_template(MISTRAL, bos_token="<s>", eos_token="</s>"), 64)
+
+
+def test_a_utf8_bom_at_the_start_of_a_chat_file_is_not_part_of_the_first_record(tmp_path):
+    """Windows editors save UTF-8 with a byte order mark; json.loads refuses it ("Unexpected UTF-8 BOM")."""
+    from lmstack.data.sft import read_json_records
+
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    for name, text in (("chats.jsonl", json.dumps(record) + "\n"), ("chats.json", json.dumps([record]))):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert list(read_json_records(path)) == [(1, record)]
