@@ -116,6 +116,7 @@ def normalize_flags(argv: list[str]) -> list[str]:
             values.add(i + 1)
     names = [a[2:].partition("=")[0].replace("-", "_") for i, a in enumerate(argv)
              if a.startswith("--") and len(a) > 2 and i not in values]
+    command_end = max(argv.index(word) for word in command) if command else len(argv)  # options after it
     out: list[str] = []
     seen: set[str] = set()
     for i, arg in enumerate(argv):
@@ -126,7 +127,7 @@ def normalize_flags(argv: list[str]) -> list[str]:
         name = name.replace("-", "_")
         following = argv[i + 1] if i + 1 < len(argv) else None
         base = name[3:] if name.startswith("no_") and name[3:] in is_bool else name
-        after_command = bool(command) and i > max(argv.index(word) for word in command)
+        after_command = i > command_end
         if after_command and base.rstrip("+") not in params and base not in _PARSER_OPTIONS and "." not in base:
             raise _unknown(base, params, f"--{arg[2:].partition('=')[0]}", command)
         if after_command and name == "config" and (value or following):

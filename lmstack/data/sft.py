@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmstack.data.sources import BadRecord
+from lmstack.data.sources import UTF8_BOM, BadRecord
 from lmstack.errors import DataError, LmstackError
+from lmstack.tokenizer.chat import REASONING_FIELDS
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -67,7 +69,7 @@ def read_json_records(path: str | Path) -> Iterable[tuple[int, Any | BadRecord]]
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass a .jsonl (or .json list) file of records")
     raw = path.read_bytes()
-    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 BOM (Windows editors) is no record text
+    raw = raw.removeprefix(UTF8_BOM)  # a byte order mark (Windows editors) is no record text
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(raw.decode("utf-8"))
@@ -204,12 +206,7 @@ def assistant_segments(tokenizer: Any, messages: list[dict[str, Any]], **templat
 
 
 def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))
 
 
 def _conversation_end_suffix(tokenizer: Any, with_reply: str, full: str) -> str:
@@ -249,7 +246,7 @@ def _rewritten_history(i: int, messages: list[dict[str, Any]], prompt: str, with
     at = _common_prefix(shorter, longer)
     ours, theirs = shorter[at:], longer[at:at + len(shorter) - at]
     system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
-    reasoning = [m[k] for m in messages[:i + 1] for k in ("reasoning_content", "thinking", "reasoning")
+    reasoning = [m[k] for m in messages[:i + 1] for k in REASONING_FIELDS
                  if isinstance(m.get(k), str) and m[k].strip()]
     markers = ("use a chat template with {% generation %} blocks around the assistant text (the loss mask then comes "
                "from them, as transformers' return_assistant_tokens_mask)")

@@ -206,6 +206,7 @@ def load_quantized(directory: str | Path, device: torch.device | str = "cpu"):
     from safetensors import safe_open
 
     from lmstack.checkpoint.hf_config import read_config
+    from lmstack.config import is_int
     from lmstack.model.transformer import Transformer
 
     _torchao()
@@ -218,7 +219,7 @@ def load_quantized(directory: str | Path, device: torch.device | str = "cpu"):
         raise CheckpointError(f"{directory / 'config.json'}: quantization_config.lmstack must record the method "
                               f"({', '.join(METHODS)}), got {info!r}; quantize the original model again")
     pad = info.get("pad_vocab_to_multiple", 1)
-    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 1:
+    if not is_int(pad) or pad < 1:
         raise CheckpointError(f"{directory / 'config.json'}: quantization_config.lmstack.pad_vocab_to_multiple must be "
                               f"a positive integer, got {pad!r}; quantize the original model again")
     config.pad_vocab_to_multiple = pad

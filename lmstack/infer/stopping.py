@@ -140,18 +140,3 @@ class _StopMatcher:
         if text:
             self.state = _advance(self.stop, self.pi, self.state, text)
         return self.state
-
-
-def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string.
-
-    Linear time: for each stop, the KMP automaton over the last len(stop) - 1 characters of `text`
-    (a proper prefix is no longer than that). `SequenceState` keeps the automaton's state between
-    tokens instead, so it reads only each new delta.
-    """
-    best = 0
-    for stop in stops:
-        if len(stop) > 1:
-            tail = text[max(0, len(text) - (len(stop) - 1)):]
-            best = max(best, _advance(stop, _prefix_function(stop), 0, tail))
-    return best

@@ -224,11 +224,11 @@ async def _stream(state: Any, req: ChatCompletionRequest, run: PromptRun, create
 
     generated = [0] * req.n  # tokens per choice so far: continuous usage is per choice, as vLLM's
 
-    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | dict | None = None) -> str:
         # The shape of ChatCompletionChunk, built without a pydantic object per token.
         if usage is None and continuous:
             p, c = len(run.prompt_token_ids), sum(generated[ch.index] for ch in choices)
-            usage = UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+            usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         out = []
         for c in choices:
             out.append({"index": c.index, "delta": {k: v for k, v in (("role", c.delta.role), ("content", c.delta.content),
@@ -236,7 +236,7 @@ async def _stream(state: Any, req: ChatCompletionRequest, run: PromptRun, create
                         "logprobs": c.logprobs.model_dump() if c.logprobs is not None else None,
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return (f'{head}"choices":{json.dumps(out)},"system_fingerprint":null,'
-                f'"usage":{json.dumps(usage.model_dump() if usage is not None else None)}}}\n\n')
+                f'"usage":{json.dumps(usage.model_dump() if isinstance(usage, UsageInfo) else usage)}}}\n\n')
 
     try:
         # The role comes first, before any token: clients show the turn starting at once.

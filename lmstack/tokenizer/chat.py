@@ -58,7 +58,7 @@ CHATML_TEMPLATE = (
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 # Older names for a message's reasoning; transformers copies the first one found to these two.
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # transformers' marker for continue_final_message (its trailing space detects trimmed messages)
 CONTINUE_FINAL_MESSAGE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
@@ -440,7 +440,7 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(message, Mapping):
             raise TokenizerError(f"chat message {i} is {type(message).__name__}, expected a dict with 'role' and 'content'")
         message = {k: plain_data(v) for k, v in message.items() if v is not None}
-        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
@@ -557,8 +557,8 @@ class ChatTemplate:
             raise TokenizerError(f'continue_final_message is set but the final message has no "{field}" to '
                                  "continue; give the final message some text, or leave continue_final_message out")
         fields = [field]
-        if field in _REASONING_FIELDS:  # reasoning is copied under several names: tag every copy
-            fields = [f for f in _REASONING_FIELDS if last.get(f) == final]
+        if field in REASONING_FIELDS:  # reasoning is copied under several names: tag every copy
+            fields = [f for f in REASONING_FIELDS if last.get(f) == final]
         if not any(f in self.source for f in fields):
             raise TokenizerError(f'continue_final_message is set to "{field}" but {self.name} never reads that '
                                  "field, so there is nothing to continue")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lmstack.checkpoint.hf_config import hf_layout_problems
-from lmstack.config import PRESETS, ModelConfig, get_preset
+from lmstack.config import PRESETS, ModelConfig, get_preset, is_int
 from lmstack.errors import CheckpointError, ConfigError, DataError
 from lmstack.model.transformer import Transformer
 from lmstack.train.config import TrainConfig
@@ -90,7 +90,7 @@ def apply_overrides(base: ModelConfig, overrides: dict[str, Any], given: dict[st
     given: the overrides the user wrote (errors name those, not the ids and dtype filled in for them)."""
     for key in ("hidden_size", "num_heads"):  # the arithmetic below needs them before ModelConfig checks them
         value = overrides.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ConfigError(f"model_overrides {key} must be a positive integer, got {value!r}; e.g. "
                               f"{{{key}: {getattr(base, key)}}} (YAML: no quotes)")
     data = base.to_dict()

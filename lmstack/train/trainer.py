@@ -39,7 +39,6 @@ from lmstack.train.config import DEFAULT_MAX_SEQ_LEN, TrainConfig
 from lmstack.train.logging import RunLogger, peak_flops, plot_losses, read_metrics, write_report
 from lmstack.train.model_setup import (
     build_model,
-    check_model_source,
     check_out_dir,
     check_tokenizers,
     load_tokenizer,
@@ -65,9 +64,7 @@ class Trainer:
         self.config = c = config
         self.out_dir = Path(c.out_dir)
         check_out_dir(self.out_dir)  # before any work: a run that cannot save would be lost
-        if model is None:
-            check_model_source(c)
-        # the context first: a seq_len beyond it would otherwise be reported as data too short for it
+        # the context first (model_config_for names a --model that is neither a directory nor a preset): a seq_len beyond it would otherwise be reported as data too short for it
         context = (model.config if model is not None else model_config_for(c, None, None, None))
         if c.seq_len is None:  # finetune's default: the model's context, at most 1024 tokens
             self.config = c = dataclasses.replace(c, seq_len=min(DEFAULT_MAX_SEQ_LEN, context.max_position_embeddings))

@@ -4,7 +4,7 @@ import random
 
 from lmstack.infer import stopping
 from lmstack.infer.params import SamplingParams
-from lmstack.infer.stopping import SequenceState, _longest_stop_prefix_suffix
+from lmstack.infer.stopping import SequenceState, _StopMatcher
 
 
 def reference(text, stops):
@@ -16,6 +16,11 @@ def reference(text, stops):
                 best = n
                 break
     return best
+
+
+def _longest_stop_prefix_suffix(text, stops):
+    """What SequenceState holds after reading `text` at once: the KMP state of each stop's matcher."""
+    return max((_StopMatcher(stop).feed(text) for stop in stops), default=0)
 
 
 def _random_text(rng, alphabet, lo, hi):
